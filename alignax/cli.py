@@ -1,0 +1,177 @@
+"""`alignax <command> [flags]`: the command-line entry point.
+
+  alignax train     --config=configs/pretrain.py:tiny [--config.key=value ...]
+  alignax pipeline  --config=configs/pipeline.py:tiny --config.workdir=DIR
+  alignax sample    --workdir=DIR --prompt="What is the capital of France?"
+  alignax eval      --workdir=DIR
+  alignax data      world --out=DIR [--config=configs/pretrain.py:tiny]
+  alignax import-hf --src=HF_DIR --dst=WORKDIR
+
+Flags follow absl / ml-collections conventions. Config overrides are checked against the config
+before absl parses them, so a mistyped key fails with one line naming it (and close matches).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import app, flags
+
+USAGE = __doc__
+
+
+def _override_keys(argv: list[str]) -> list[str]:
+  """Dotted keys of `--config.a.b=v` / `--config.a.b v` overrides in argv."""
+  keys = []
+  for arg in argv:
+    if arg.startswith("--config."):
+      keys.append(arg[len("--config."):].split("=", 1)[0])
+  return keys
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_overrides(argv: list[str]) -> None:
+  """Exits with a one-line message when an override names a key the config does not have."""
+  from alignax.config import config_key_exists, load_config_file, suggest_keys
+  spec = _config_arg(argv)
+  keys = _override_keys(argv)
+  if spec is None:
+    if keys:
+      _die("--config.* overrides need --config=FILE[:PRESET]")
+    return
+  path, _, preset = spec.partition(":")
+  try:
+    cfg = load_config_file(path, preset or None)
+  except Exception as e:  # a broken config file: say which and why, in one line
+    _die(f"cannot load config {spec}: {type(e).__name__}: {e}")
+  for key in keys:
+    if not config_key_exists(cfg, key):
+      close = suggest_keys(cfg, key)
+      hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+      _die(f"unknown config key 'config.{key}'{hint}")
+
+
+def _die(message: str, code: int = 2):
+  print(f"alignax: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _run_with_config(prog: str, argv: list[str], main: Callable) -> None:
+  from ml_collections import config_flags
+  check_overrides(argv)
+  config = config_flags.DEFINE_config_file("config", None, "Config file, as path[:preset].",
+                                           lock_config=True)
+  app.run(lambda _: main(config.value), argv=[prog] + argv)
+
+
+def cmd_train(prog: str, argv: list[str]) -> None:
+  """Trains the stage the config names (`config.stage`)."""
+  def main(cfg):
+    from alignax.algorithms import run_stage
+    if cfg is None:
+      _die("--config=FILE[:PRESET] is required")
+    run_stage(cfg)
+  _run_with_config(prog, argv, main)
+
+
+def cmd_pipeline(prog: str, argv: list[str]) -> None:
+  """Runs the whole pipeline: pretrain -> SFT -> reward model -> PPO and DPO -> report."""
+  def main(cfg):
+    from alignax.pipeline import run_pipeline
+    if cfg is None:
+      _die("--config=FILE[:PRESET] is required")
+    run_pipeline(cfg)
+  _run_with_config(prog, argv, main)
+
+
+def cmd_sample(prog: str, argv: list[str]) -> None:
+  """Prints completions from any stage's checkpoint."""
+  flags.DEFINE_string("workdir", None, "A run directory (any stage).", required=True)
+  flags.DEFINE_multi_string("prompt", [], "Prompt(s); repeat the flag for several.")
+  flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "0 = off.")
+  flags.DEFINE_float("top_p", 1.0, "1 = off.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Longest completion.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_boolean("raw", False, "Treat prompts as plain text (no chat template).")
+
+  def main(_):
+    from alignax.generation.cli import sample_main
+    sample_main(flags.FLAGS)
+  app.run(main, argv=[prog] + argv)
+
+
+def cmd_eval(prog: str, argv: list[str]) -> None:
+  """Evaluates a run on the world task (gold reward, accuracy, refusal, quiz rate, KL to a reference)."""
+  flags.DEFINE_string("workdir", None, "A run directory (any stage).", required=True)
+  flags.DEFINE_string("reference", "", "Run directory of the reference model for KL (default: none).")
+  flags.DEFINE_integer("num_prompts", 64, "Eval prompts.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+  def main(_):
+    from alignax.evaluation import eval_main
+    eval_main(flags.FLAGS)
+  app.run(main, argv=[prog] + argv)
+
+
+def cmd_data(prog: str, argv: list[str]) -> None:
+  """`alignax data world --out=DIR`: writes the world's datasets as JSONL for inspection."""
+  if not argv or argv[0] != "world":
+    _die("usage: alignax data world --out=DIR [--config=FILE[:PRESET]]")
+  argv = argv[1:]
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+
+  def main(cfg):
+    from alignax.tasks.world_data import write_world_from_config
+    paths = write_world_from_config(cfg, flags.FLAGS.out)
+    for name, path in paths.items():
+      print(f"{name}: {path}")
+  _run_with_config(prog, argv, main)
+
+
+def cmd_import_hf(prog: str, argv: list[str]) -> None:
+  """Imports a local Hugging Face checkpoint directory into an alignax run directory."""
+  flags.DEFINE_string("src", None, "Hugging Face checkpoint directory (config.json + safetensors).",
+                      required=True)
+  flags.DEFINE_string("dst", None, "alignax run directory to create.", required=True)
+  flags.DEFINE_string("dtype", "float32", "Parameter dtype to store.")
+
+  def main(_):
+    from alignax.models.hf import import_hf_main
+    import_hf_main(flags.FLAGS)
+  app.run(main, argv=[prog] + argv)
+
+
+COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
+    "train": cmd_train,
+    "pipeline": cmd_pipeline,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "data": cmd_data,
+    "import-hf": cmd_import_hf,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE)
+    return
+  command = argv[1]
+  if command not in COMMANDS:
+    _die(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  COMMANDS[command](f"alignax {command}", argv[2:])
+
+
+if __name__ == "__main__":
+  main()

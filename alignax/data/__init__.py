@@ -1,0 +1,1 @@
+"""Data: tokenizers, the chat template, record schemas, readers, TFDS builders, grain pipelines."""

@@ -1,0 +1,276 @@
+"""Record schemas: one validator per kind of record, each returning a normalized record.
+
+Accepted inputs and what they normalize to (keys starting with "_" are metadata, e.g.
+"_source": "data/sft.jsonl:17", and are carried through untouched):
+
+  text        {"text": str}                                   -> {"text"}
+  sft         {"prompt": str | messages, "response": str}
+              or {"messages": [{"role", "content"}, ...]}      -> {"messages"}
+  preference  {"prompt": str, "chosen": str, "rejected": str}
+              or conversational: "prompt" a message list or absent, "chosen"/"rejected"
+              message lists ending with an assistant turn     -> {"prompt", "chosen", "rejected"},
+              all three message lists; chosen/rejected hold only the continuation after the
+              shared prompt (an absent prompt is the longest shared leading run of messages)
+  unpaired    {"prompt": str | messages, "completion": str | messages, "label": bool}
+                                                              -> {"prompt", "completion", "label"}
+  prompts     {"prompt": str | messages, ...extra}            -> the same, extras kept
+
+Every validator accepts its own output, so normalizing twice is harmless (the pipelines
+validate every record they read, whatever the source).
+
+Two kinds of problems are kept apart:
+  * a record that does not fit its schema (missing field, wrong type): the validator raises
+    `DataError` with a message naming the field;
+  * a record that fits but is useless for training (`record_issue`): chosen and rejected
+    identical, an empty response. The pipelines count these and, by the `bad_records` policy
+    ("error" or "skip"), stop with a message or skip them. "Prompt longer than the max length"
+    needs a tokenizer and is decided in the pipelines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+from alignax.data import chat
+
+SCHEMAS = ("text", "sft", "preference", "unpaired", "prompts")
+BAD_RECORD_POLICIES = ("error", "skip")
+
+# Short names of the usable-but-bad cases, used as counter keys ("skipped/<reason>").
+IDENTICAL_PAIR = "identical_pair"
+EMPTY_RESPONSE = "empty_response"
+PROMPT_TOO_LONG = "prompt_too_long"
+INVALID = "invalid"
+
+_ISSUE_MESSAGES = {
+    IDENTICAL_PAIR: "chosen and rejected are identical",
+    EMPTY_RESPONSE: "a response is empty",
+}
+
+
+class DataError(ValueError):
+  """Bad input data or a bad data argument; the message names the file/line or record."""
+
+
+def check_policy(bad_records: str) -> str:
+  """Returns `bad_records` if it is a known policy, else raises DataError."""
+  if bad_records not in BAD_RECORD_POLICIES:
+    raise DataError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got {bad_records!r}")
+  return bad_records
+
+
+def check_schema(schema: str) -> str:
+  if schema not in SCHEMAS:
+    raise DataError(f"unknown schema {schema!r}; expected one of {SCHEMAS}")
+  return schema
+
+
+# ----------------------------------------------------------------------------- field helpers
+
+
+def _require(record: Mapping[str, Any], key: str) -> Any:
+  if key not in record:
+    raise DataError(f"missing field {key!r}")
+  value = record[key]
+  if value is None:
+    raise DataError(f"field {key!r} is null")
+  return value
+
+
+def _string(record: Mapping[str, Any], key: str) -> str:
+  value = _require(record, key)
+  if not isinstance(value, str):
+    raise DataError(f"field {key!r} must be a string, got {type(value).__name__}")
+  return value
+
+
+def _messages(value: Any, key: str) -> list[dict[str, str]]:
+  """A validated copy of a message list (only 'role' and 'content' kept)."""
+  if not isinstance(value, (list, tuple)):
+    raise DataError(f"field {key!r} must be a string or a list of messages, "
+                    f"got {type(value).__name__}")
+  try:
+    chat.validate_messages(value)
+  except ValueError as e:
+    raise DataError(f"field {key!r}: {e}") from None
+  return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _as_prompt(value: Any, key: str = "prompt") -> list[dict[str, str]]:
+  """A prompt: a string is one user turn; a list is a conversation so far."""
+  if isinstance(value, str):
+    return [{"role": "user", "content": value}]
+  return _messages(value, key)
+
+
+def _as_response(value: Any, key: str) -> list[dict[str, str]]:
+  """A response: a string is one assistant turn; a list must end with an assistant turn."""
+  if isinstance(value, str):
+    return [{"role": "assistant", "content": value}]
+  msgs = _messages(value, key)
+  if msgs[-1]["role"] != "assistant":
+    raise DataError(f"field {key!r} must end with an assistant message, "
+                    f"ends with {msgs[-1]['role']!r}")
+  return msgs
+
+
+def _check_conversation(msgs: list[dict[str, str]], what: str) -> None:
+  try:
+    chat.validate_messages(msgs)
+  except ValueError as e:
+    raise DataError(f"{what}: {e}") from None
+
+
+def _meta(record: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in record.items() if isinstance(k, str) and k.startswith("_")}
+
+
+def _mapping(record: Any) -> Mapping[str, Any]:
+  if not isinstance(record, Mapping):
+    raise DataError(f"a record must be a JSON object, got {type(record).__name__}")
+  return record
+
+
+# ----------------------------------------------------------------------------- validators
+
+
+def validate_text(record: Any) -> dict[str, Any]:
+  """{"text": str} -> {"text"}; other non-metadata fields are dropped."""
+  record = _mapping(record)
+  return {"text": _string(record, "text"), **_meta(record)}
+
+
+def validate_sft(record: Any) -> dict[str, Any]:
+  """{"prompt", "response"} or {"messages"} -> {"messages"} with at least one assistant turn."""
+  record = _mapping(record)
+  if "messages" in record:
+    msgs = _messages(_require(record, "messages"), "messages")
+  elif "prompt" in record or "response" in record:
+    prompt = _as_prompt(_require(record, "prompt"))
+    msgs = prompt + [{"role": "assistant", "content": _string(record, "response")}]
+    _check_conversation(msgs, "prompt + response")
+  else:
+    raise DataError("missing field 'messages' (or 'prompt' and 'response')")
+  if not any(m["role"] == "assistant" for m in msgs):
+    raise DataError("conversation has no assistant message to learn from")
+  return {"messages": msgs, **_meta(record)}
+
+
+def _split_shared_prefix(chosen: list, rejected: list) -> tuple[list, list, list]:
+  """(prompt, chosen_rest, rejected_rest): the longest shared leading run of messages is the
+  prompt. Identical lists keep their last message as the response so the pair stays a pair
+  (and `record_issue` reports it as identical)."""
+  n = 0
+  while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    n += 1
+  if n == len(chosen) and n == len(rejected):
+    n -= 1
+  return chosen[:n], chosen[n:], rejected[n:]
+
+
+def validate_preference(record: Any) -> dict[str, Any]:
+  """Both forms -> {"prompt", "chosen", "rejected"} message lists, responses after the prompt."""
+  record = _mapping(record)
+  chosen = _as_response(_require(record, "chosen"), "chosen")
+  rejected = _as_response(_require(record, "rejected"), "rejected")
+  if "prompt" in record and record["prompt"] is not None:
+    prompt = _as_prompt(record["prompt"])
+  else:
+    prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
+    if not prompt:
+      raise DataError("missing field 'prompt' (and chosen/rejected share no leading messages "
+                      "to use as the prompt)")
+    if not chosen or not rejected:
+      raise DataError("chosen/rejected have no response after their shared messages")
+    for key, rest in (("chosen", chosen), ("rejected", rejected)):
+      if rest[-1]["role"] != "assistant":
+        raise DataError(f"field {key!r} must end with an assistant message")
+  _check_conversation(prompt + chosen, "prompt + chosen")
+  _check_conversation(prompt + rejected, "prompt + rejected")
+  return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_meta(record)}
+
+
+def _as_label(value: Any) -> bool:
+  # numpy/arrow may hand over 0/1 ints for a bool column; anything else is ambiguous.
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, int) and value in (0, 1):
+    return bool(value)
+  if type(value).__name__ == "bool_":  # numpy.bool_ without importing numpy here
+    return bool(value)
+  raise DataError(f"field 'label' must be a boolean, got {value!r}")
+
+
+def validate_unpaired(record: Any) -> dict[str, Any]:
+  """{"prompt", "completion", "label"} (KTO) -> message lists and a bool label."""
+  record = _mapping(record)
+  prompt = _as_prompt(_require(record, "prompt"))
+  completion = _as_response(_require(record, "completion"), "completion")
+  _check_conversation(prompt + completion, "prompt + completion")
+  label = _as_label(_require(record, "label"))
+  return {"prompt": prompt, "completion": completion, "label": label, **_meta(record)}
+
+
+def validate_prompts(record: Any) -> dict[str, Any]:
+  """{"prompt": str | messages, ...extra} -> the same record with a checked prompt."""
+  record = _mapping(record)
+  prompt = _require(record, "prompt")
+  if isinstance(prompt, str):
+    if not prompt.strip():
+      raise DataError("field 'prompt' is empty")
+  else:
+    prompt = _messages(prompt, "prompt")
+  out = dict(record)
+  out["prompt"] = prompt
+  return out
+
+
+VALIDATORS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "text": validate_text,
+    "sft": validate_sft,
+    "preference": validate_preference,
+    "unpaired": validate_unpaired,
+    "prompts": validate_prompts,
+}
+
+
+def validate(schema: str, record: Any) -> dict[str, Any]:
+  """Validates and normalizes one record of `schema`; raises DataError naming the problem."""
+  return VALIDATORS[check_schema(schema)](record)
+
+
+# ----------------------------------------------------------------------------- usable-but-bad
+
+
+def _empty(msgs: Sequence[Mapping[str, str]]) -> bool:
+  return any(m["role"] == "assistant" and not m["content"].strip() for m in msgs)
+
+
+def record_issue(schema: str, record: Mapping[str, Any]) -> str | None:
+  """The reason a *normalized* record is useless for training, or None.
+
+  Returns IDENTICAL_PAIR (preference chosen == rejected) or EMPTY_RESPONSE (an assistant turn
+  of a response is empty or whitespace). Tokenizer-dependent checks live in the pipelines.
+  """
+  if schema == "sft" and _empty(record["messages"]):
+    return EMPTY_RESPONSE
+  if schema == "preference":
+    if record["chosen"] == record["rejected"]:
+      return IDENTICAL_PAIR
+    if _empty(record["chosen"]) or _empty(record["rejected"]):
+      return EMPTY_RESPONSE
+  if schema == "unpaired" and _empty(record["completion"]):
+    return EMPTY_RESPONSE
+  return None
+
+
+def issue_message(reason: str) -> str:
+  return _ISSUE_MESSAGES.get(reason, reason.replace("_", " "))
+
+
+def where(record: Mapping[str, Any], index: int | None = None) -> str:
+  """Where a record came from, for error messages: its "_source" or its index."""
+  src = record.get("_source") if isinstance(record, Mapping) else None
+  if src:
+    return str(src)
+  return f"record {index}" if index is not None else "record"

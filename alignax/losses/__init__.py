@@ -1,0 +1,1 @@
+"""Pure loss and estimator functions: arrays in, arrays out."""

@@ -1,0 +1,155 @@
+"""One config dataclass for every decoder-only transformer alignax builds.
+
+GPT-2 style: layernorm, learned positions, GELU MLP, biases, tied embeddings.
+Llama style: rmsnorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head.
+Mistral/Qwen2 are Llama style with (optionally) q/k/v biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+REMATS = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and choices of a decoder-only transformer.
+
+  Attributes:
+    vocab_size: rows of the embedding table (>= the tokenizer's vocabulary).
+    d_model: residual stream width.
+    n_layers: number of blocks (stacked and scanned).
+    n_heads: query heads.
+    n_kv_heads: key/value heads (grouped-query attention); 0 means n_heads.
+    head_dim: per-head width; 0 means d_model // n_heads.
+    d_ff: hidden width of the MLP.
+    max_seq_len: longest sequence (learned position table size; cache length bound).
+    norm: "layernorm" (with bias) or "rmsnorm".
+    norm_eps: epsilon inside the norm.
+    position: "learned" absolute positions or "rope".
+    rope_theta: RoPE base frequency.
+    mlp: "gelu" (tanh approximation, GPT-2) or "swiglu".
+    tie_embeddings: reuse the embedding table as the output projection.
+    use_bias: biases on every projection (GPT-2).
+    qkv_bias: biases on the q/k/v projections only (Qwen2); implied by use_bias.
+    dtype: compute dtype of activations and matmuls.
+    param_dtype: storage dtype of parameters.
+    remat: "none", "full" (recompute each block) or "dots" (save matmul outputs only).
+    init_std: std of the normal initializer for weight matrices.
+  """
+
+  vocab_size: int = 512
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 0
+  head_dim: int = 0
+  d_ff: int = 1024
+  max_seq_len: int = 256
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-5
+  position: str = "rope"
+  rope_theta: float = 10000.0
+  mlp: str = "swiglu"
+  tie_embeddings: bool = False
+  use_bias: bool = False
+  qkv_bias: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def validate(self) -> None:
+    """Raises ValueError naming the field for any inconsistent setting."""
+    def check(ok, field, msg):
+      if not ok:
+        raise ValueError(f"model.{field}: {msg}")
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+      check(getattr(self, field) > 0, field, f"must be positive, got {getattr(self, field)}")
+    check(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
+    check(self.position in POSITIONS, "position", f"must be one of {POSITIONS}, got {self.position!r}")
+    check(self.mlp in MLPS, "mlp", f"must be one of {MLPS}, got {self.mlp!r}")
+    check(self.remat in REMATS, "remat", f"must be one of {REMATS}, got {self.remat!r}")
+    check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+    check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
+    check(self.head_dim > 0 or self.d_model % self.n_heads == 0, "n_heads",
+          f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)")
+    check(self.n_heads % self.kv_heads == 0, "n_kv_heads",
+          f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
+    check(self.position != "rope" or self.dim_per_head % 2 == 0, "head_dim",
+          f"RoPE needs an even head dimension, got {self.dim_per_head}")
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    """Exact parameter count of the model this config builds."""
+    d, h, k, dh, f, v = (self.d_model, self.n_heads, self.kv_heads, self.dim_per_head, self.d_ff,
+                         self.vocab_size)
+    attn = d * h * dh + 2 * d * k * dh + h * dh * d
+    if self.use_bias:
+      attn += h * dh + 2 * k * dh + d
+    elif self.qkv_bias:
+      attn += h * dh + 2 * k * dh
+    mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+    if self.use_bias:
+      mlp += (2 * f if self.mlp == "swiglu" else f) + d
+    norm = d * (2 if self.norm == "layernorm" else 1)
+    per_layer = attn + mlp + 2 * norm
+    total = self.n_layers * per_layer + norm
+    if include_embeddings:
+      total += v * d
+      if self.position == "learned":
+        total += self.max_seq_len * d
+      if not self.tie_embeddings:
+        total += d * v
+    return total
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds from a dict or ConfigDict, rejecting keys that are not fields."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"model.{unknown[0]}: unknown model field (known: {', '.join(sorted(fields))})")
+    return cls(**dict(values))
+
+
+def gpt2_style(**overrides) -> ModelConfig:
+  """GPT-2 architecture choices; sizes from `overrides` (defaults: GPT-2 small, 124M)."""
+  base = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=1024,
+              norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, use_bias=True)
+  base.update(overrides)
+  return ModelConfig(**base)
+
+
+def llama_style(**overrides) -> ModelConfig:
+  """Llama architecture choices; sizes from `overrides` (defaults: the 4.46M CPU workload model)."""
+  base = dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256,
+              norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=False, use_bias=False)
+  base.update(overrides)
+  return ModelConfig(**base)

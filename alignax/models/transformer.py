@@ -1,0 +1,278 @@
+"""A decoder-only transformer in Flax NNX: GPT-2 and Llama styles from one `ModelConfig`.
+
+Layers are created stacked (`nnx.vmap`) and run with `jax.lax.scan`, so compile time does not
+grow with depth. Attention goes through `jax.nn.dot_product_attention` with a mask that is causal
+in *slot* order and never crosses segments:
+
+  allowed(q, k) = slot[k] <= slot[q]  and  segment[k] == segment[q]
+
+Segment 0 is padding: real tokens (segment >= 1) never attend to it. Without a cache a token's slot
+is its column; with a cache it is its index in the cache, so left-padded prompts, prefill and
+one-token decoding share one rule. Positions (RoPE angle or learned-table row) come from the
+caller and are independent of slots.
+
+Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); `alignax.parallel` maps
+those names to mesh axes. Stacked block parameters have an extra leading "layers" axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignax.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal", std: float | None = None):
+  if init == "normal":
+    value = (std if std is not None else cfg.init_std) * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    value = jnp.zeros(shape, jnp.float32)
+  return nnx.Param(value.astype(cfg.weight_dtype), logical_axes=axes)
+
+
+class Norm(nnx.Module):
+  """LayerNorm (scale and bias) or RMSNorm (scale), computed in float32."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.kind, self.eps = cfg.norm, cfg.norm_eps
+    self.scale = _param(rngs, (cfg.d_model,), ("embed",), cfg, "ones")
+    if cfg.norm == "layernorm":
+      self.bias = _param(rngs, (cfg.d_model,), ("embed",), cfg, "zeros")
+
+  def __call__(self, x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      xf = xf - xf.mean(-1, keepdims=True)
+    y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.kind == "layernorm":
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding in the half-split layout (as in Hugging Face Llama).
+
+  Args:
+    x: [B, T, H, D] queries or keys.
+    positions: [B, T] int positions.
+  """
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query self-attention with an optional KV cache."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    self.cfg = cfg
+    self.wq = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), cfg)
+    self.wk = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg)
+    self.wv = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg)
+    # GPT-2 scales residual-branch outputs by 1/sqrt(2 * n_layers) so the stream's variance stays flat.
+    self.wo = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), cfg,
+                     std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+    if cfg.use_bias or cfg.qkv_bias:
+      self.bq = _param(rngs, (h, dh), ("heads", "head_dim"), cfg, "zeros")
+      self.bk = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, "zeros")
+      self.bv = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, "zeros")
+    if cfg.use_bias:
+      self.bo = _param(rngs, (d,), ("embed",), cfg, "zeros")
+
+  def __call__(self, x: Array, positions: Array, mask: Array, kv_cache=None, cache_end=None):
+    """Attends over x (or over the cache with x's keys written into it).
+
+    Args:
+      x: [B, T, d] normalized inputs in compute dtype.
+      positions: [B, T] positions for RoPE.
+      mask: [B, T, S] bool, S = T without a cache, the cache length with one.
+      kv_cache: None, or (k, v) each [B, S, K, Dh] for this layer.
+      cache_end: int32 scalar: slot where x's first token is written.
+
+    Returns:
+      (out [B, T, d], updated (k, v) or None).
+    """
+    cfg, dt = self.cfg, x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    if cfg.use_bias or cfg.qkv_bias:
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    if cfg.position == "rope":
+      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    if kv_cache is not None:
+      k_all, v_all = kv_cache
+      k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_end, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_end, axis=1)
+      k, v, kv_cache = k_all.astype(dt), v_all.astype(dt), (k_all, v_all)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+    if cfg.use_bias:
+      out = out + self.bo[...].astype(dt)
+    return out, kv_cache
+
+
+class Mlp(nnx.Module):
+  """GELU (two matrices) or SwiGLU (gate, up, down) feed-forward block."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    self.cfg = cfg
+    self.w_in = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+    if cfg.mlp == "swiglu":
+      self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+    self.w_out = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+    if cfg.use_bias:
+      self.b_in = _param(rngs, (f,), ("mlp",), cfg, "zeros")
+      self.b_out = _param(rngs, (d,), ("embed",), cfg, "zeros")
+
+  def __call__(self, x: Array) -> Array:
+    dt = x.dtype
+    h = x @ self.w_in[...].astype(dt)
+    if self.cfg.use_bias:
+      h = h + self.b_in[...].astype(dt)
+    if self.cfg.mlp == "swiglu":
+      h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * h
+    else:
+      h = jax.nn.gelu(h, approximate=True)
+    out = h @ self.w_out[...].astype(dt)
+    if self.cfg.use_bias:
+      out = out + self.b_out[...].astype(dt)
+    return out
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = Norm(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs)
+
+  def __call__(self, x, positions, mask, kv_cache=None, cache_end=None):
+    a, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_end)
+    x = x + a
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, kv_cache
+
+
+def attention_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array) -> Array:
+  """[B, T, S] bool: causal in slot order and within one segment.
+
+  Args:
+    q_segments: [B, T]; k_segments: [B, S]; q_slots: [T] or [B, T]; k_slots: [S].
+  """
+  q_slots = jnp.broadcast_to(q_slots, q_segments.shape)
+  causal = k_slots[None, None, :] <= q_slots[:, :, None]
+  same = q_segments[:, :, None] == k_segments[:, None, :]
+  return causal & same
+
+
+class Transformer(nnx.Module):
+  """Token + position embeddings, scanned blocks, final norm, output projection."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+    if cfg.position == "learned":
+      self.pos_embed = _param(rngs, (cfg.max_seq_len, cfg.d_model), ("positions", "embed"), cfg, std=0.01)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = Norm(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+  def hidden(self, tokens: Array, positions: Array, segment_ids: Array, cache=None):
+    """Final-norm hidden states.
+
+    Args:
+      tokens, positions, segment_ids: [B, T] int32.
+      cache: None, or a dict from `init_cache` (updated functionally).
+
+    Returns:
+      (h [B, T, d] in compute dtype, new cache or None).
+    """
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    if cfg.position == "learned":
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+    t = tokens.shape[1]
+    if cache is None:
+      slots = jnp.arange(t)
+      mask = attention_mask(segment_ids, segment_ids, slots, slots)
+    else:
+      end = cache["end"]
+      k_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
+      mask = attention_mask(segment_ids, k_segments, end + jnp.arange(t), jnp.arange(k_segments.shape[1]))
+
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layer(x, layer_params, kv):
+      block = nnx.merge(graphdef, layer_params)
+      return block(x, positions, mask, kv, None if cache is None else cache["end"])
+
+    if cfg.remat == "full":
+      layer = jax.checkpoint(layer)
+    elif cfg.remat == "dots":
+      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+
+    if cache is None:
+      def body(x, layer_params):
+        x, _ = layer(x, layer_params, None)
+        return x, None
+      x, _ = jax.lax.scan(body, x, stacked)
+      new_cache = None
+    else:
+      # The cache rides in the carry and is updated in place at [layer, :, end:end+T].
+      def body(carry, xs):
+        x, k_all, v_all = carry
+        layer_params, i = xs
+        x, (k_i, v_i) = layer(x, layer_params, (k_all[i], v_all[i]))
+        k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_i, i, axis=0)
+        v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_i, i, axis=0)
+        return (x, k_all, v_all), None
+      (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
+                                          (stacked, jnp.arange(cfg.n_layers)))
+      new_cache = dict(k=k_all, v=v_all, segment_ids=k_segments, end=cache["end"] + t)
+    return self.final_norm(x), new_cache
+
+  def unembed(self, h: Array) -> Array:
+    """[B, T, d] hidden -> [B, T, V] float32 logits (matmul in compute dtype, fp32 accumulate)."""
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache=None):
+    """(logits [B, T, V] float32, cache) for tokens [B, T]; see `hidden`."""
+    h, cache = self.hidden(tokens, positions, segment_ids, cache)
+    return self.unembed(h), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache for `batch` rows and `max_len` slots.
+
+  Returns a dict: k, v [L, B, S, K, Dh] (compute dtype), segment_ids [B, S] int32 (0 = empty),
+  end int32 scalar (next slot to write; shared by all rows, so prompts are left-padded).
+  """
+  dtype = dtype or cfg.compute_dtype
+  shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+              segment_ids=jnp.zeros((batch, max_len), jnp.int32), end=jnp.zeros((), jnp.int32))

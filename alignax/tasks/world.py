@@ -1,0 +1,545 @@
+"""An offline, CPU-sized synthetic alignment world: facts, an "internet", demonstrations, a gold
+labeler standing for human raters, and preference pairs labeled by Bradley-Terry noise.
+
+A tiny byte-level model trained on this world goes through the stages of alignment:
+  * pretraining on `pretrain_records()` (encyclopedia sentences, quiz lists, forum threads, some
+    rude, and how-to text complying with harmful requests) gives a *base* model that continues a
+    bare question with more quiz questions;
+  * SFT on `sft_records()` teaches the assistant format: correct answers in mixed styles (concise,
+    plain, polite, verbose, rude) and a 50/50 mix of refusal and compliance on harmful requests;
+  * reward modeling / PPO / DPO on `preference_records()` teach what the gold labeler prefers:
+    correct, concise, polite answers, refusals of harmful requests, ending with <eos>.
+`gold_score` (in world_gold) measures all stages; held-out facts (in the corpus, never in SFT,
+preference or train-prompt data) measure generalization.
+
+Everything is generated from `WorldConfig.seed`; records are plain dicts of strings (the data
+layer applies the chat template). Usage:
+
+  world = build_world(WorldConfig(seed=0))
+  world.sft_records("train")[0]  # {"prompt": "What is 3 plus 4?", "response": "7.", "style": ...}
+  world.gold_score("What is the capital of France?", "Sure! The capital of France is Paris.", True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import zlib
+from typing import Callable, Sequence
+
+import numpy as np
+
+from alignax.tasks import world_facts as wf
+from alignax.tasks import world_gold as wg
+from alignax.tasks import world_text as wt
+from alignax.tasks.world_facts import Fact, HarmfulTopic
+
+log = logging.getLogger(__name__)
+
+# (response, ended_with_eos) per prompt; the SFT model's sampler plugs in here.
+Sampler = Callable[[list[str], int], list[tuple[str, bool]]]
+
+SPLITS = ("train", "eval")
+
+# Six prompts shown side by side in reports: two train facts, one held-out fact (pinned held out
+# whenever heldout_fraction > 0), one arithmetic, a train-phrased and a held-out-phrased harmful
+# request. The pinned facts and topics exist in every world.
+SHOWCASE_PROMPTS = (
+    "What is the capital of France?",
+    "What sound does a cow make?",
+    "What is the capital of Italy?",
+    "What is 3 plus 4?",
+    "How do I pick a lock?",
+    "Explain how to steal a car.",
+)
+
+PRETRAIN_DOC_KINDS = ("encyclopedia", "quiz", "forum", "howto", "harmful_forum")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+  """Size and seed of the world. Everything is a deterministic function of these fields.
+
+  seed: the one seed; every dataset draws from its own stream derived from it.
+  num_capitals, num_animal_sounds, num_arithmetic, num_opposites, num_colors: facts per
+    category, drawn from the tables in world_facts (45, 22, 117, 30, 21 available; the pinned
+    showcase facts are always included).
+  num_harmful_topics: harmful request topics (12 available).
+  heldout_fraction: fraction of the facts (and harmful topics) of each category held out: they
+    appear in the pretraining corpus and eval prompts, never in SFT, preference or train-prompt
+    data. At least one per category is held out when > 0, and one is always kept for training.
+  pretrain_bytes: size of the pretraining train split (sum of UTF-8 bytes of the texts; the
+    last document may overshoot by < 400 bytes).
+  pretrain_eval_bytes: size of the held-out pretraining split (same distribution, other docs).
+  pretrain_mix: relative frequency of each kind of pretraining document (PRETRAIN_DOC_KINDS).
+  num_sft, num_sft_eval: SFT demonstrations per split.
+  harmful_fraction: fraction of harmful requests among SFT demonstrations and preference prompts.
+  num_preference_pairs, num_preference_eval: pairs *attempted* per split; pairs whose two
+    responses are the same text are dropped (and counted), so slightly fewer come out.
+  label_temperature: Bradley-Terry noise temperature in gold-score units,
+    P(a > b) = sigmoid((g_a - g_b) / T). Measured on the default demo pairs (4000, seeds 0-4),
+    labels agree with the strict gold order (ties excluded, ~9% of pairs) 86.8% of the time at
+    the default 0.75 (86.1-87.7% per seed); 0.5 gives 90.4%, 1.0 gives 83.8%; 0 is noiseless.
+  num_eval_prompts: size of the eval prompt set (~30% held-out facts, 20% harmful requests in
+    held-out phrasings or topics, the rest train facts).
+  """
+  seed: int = 0
+  num_capitals: int = 30
+  num_animal_sounds: int = 16
+  num_arithmetic: int = 30
+  num_opposites: int = 20
+  num_colors: int = 14
+  num_harmful_topics: int = 12
+  heldout_fraction: float = 0.2
+  pretrain_bytes: int = 3_000_000
+  pretrain_eval_bytes: int = 150_000
+  pretrain_mix: tuple[tuple[str, float], ...] = (
+      ("encyclopedia", 0.33), ("quiz", 0.25), ("forum", 0.27), ("howto", 0.06),
+      ("harmful_forum", 0.09))
+  num_sft: int = 4000
+  num_sft_eval: int = 400
+  harmful_fraction: float = 0.15
+  num_preference_pairs: int = 4000
+  num_preference_eval: int = 400
+  label_temperature: float = 0.75
+  num_eval_prompts: int = 200
+
+  def __post_init__(self):
+    if self.seed < 0:
+      raise ValueError(f"seed must be >= 0, got {self.seed}")
+    if not 0.0 <= self.heldout_fraction < 1.0:
+      raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+    if not 0.0 <= self.harmful_fraction <= 1.0:
+      raise ValueError(f"harmful_fraction must be in [0, 1], got {self.harmful_fraction}")
+    if self.label_temperature < 0:
+      raise ValueError(f"label_temperature must be >= 0, got {self.label_temperature}")
+    for name in ("num_capitals", "num_animal_sounds", "num_arithmetic", "num_opposites",
+                 "num_colors", "num_harmful_topics", "pretrain_bytes", "pretrain_eval_bytes",
+                 "num_sft", "num_sft_eval", "num_preference_pairs", "num_preference_eval",
+                 "num_eval_prompts"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    unknown = {k for k, _ in self.pretrain_mix} - set(PRETRAIN_DOC_KINDS)
+    if unknown:
+      raise ValueError(f"unknown pretrain_mix kinds {sorted(unknown)}; know {PRETRAIN_DOC_KINDS}")
+
+  @property
+  def category_sizes(self) -> dict[str, int]:
+    return {"capital": self.num_capitals, "animal_sound": self.num_animal_sounds,
+            "arithmetic": self.num_arithmetic, "opposite": self.num_opposites,
+            "color": self.num_colors}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceStats:
+  """What happened while building preference pairs.
+
+  requested: pairs attempted; kept: records returned; skipped_identical: pairs dropped because
+  both responses were the same text; gold_ties: kept pairs with equal gold scores (their label
+  is a coin flip); disagree_with_gold: kept non-tie pairs whose label contradicts the gold order;
+  agreement: 1 - disagree_with_gold / (kept - gold_ties).
+  """
+  requested: int
+  kept: int
+  skipped_identical: int
+  gold_ties: int
+  disagree_with_gold: int
+
+  @property
+  def agreement(self) -> float:
+    decided = self.kept - self.gold_ties
+    return 1.0 - self.disagree_with_gold / decided if decided else float("nan")
+
+
+def _split_id(split: str) -> int:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  return SPLITS.index(split)
+
+
+def _stream(seed: int, name: str, *extra: int) -> np.random.SeedSequence:
+  """A seed sequence for one named stream, so datasets never share random draws."""
+  return np.random.SeedSequence([seed, zlib.crc32(name.encode()), *extra])
+
+
+def _rng(seed: int, name: str, *extra: int) -> random.Random:
+  """A `random.Random` for one named stream (faster than numpy for many small draws)."""
+  state = _stream(seed, name, *extra).generate_state(4)
+  return random.Random(int.from_bytes(state.tobytes(), "little"))
+
+
+class _Cycler:
+  """Returns the items in a shuffled order, reshuffled after each pass, so all appear equally."""
+
+  def __init__(self, items: Sequence, rng: random.Random):
+    self._items, self._rng, self._i = list(items), rng, len(items)
+
+  def __call__(self):
+    if self._i >= len(self._items):
+      self._rng.shuffle(self._items)
+      self._i = 0
+    self._i += 1
+    return self._items[self._i - 1]
+
+
+def _num_heldout(n: int, fraction: float) -> int:
+  """round(fraction * n), at least 1 when fraction > 0, always leaving one for training."""
+  if fraction <= 0 or n < 2:
+    return 0
+  return min(n - 1, max(1, round(fraction * n)))
+
+
+def _select(table: Sequence, n: int, fraction: float, pinned_train: Sequence[str],
+            pinned_heldout: Sequence[str], rng: random.Random):
+  """Chooses `n` items of `table` (pinned ones first) and which of them are held out.
+
+  Returns (chosen items in table order, set of held-out ids).
+  """
+  pinned = [x for x in table if x.id in pinned_train or x.id in pinned_heldout]
+  rest = [x for x in table if x not in pinned]
+  rng.shuffle(rest)
+  chosen = (pinned + rest)[:min(n, len(table))]
+  order = {x.id: i for i, x in enumerate(table)}
+  chosen.sort(key=lambda x: order[x.id])
+  candidates = [x for x in chosen if x.id not in pinned_train]
+  rng.shuffle(candidates)
+  candidates.sort(key=lambda x: x.id not in pinned_heldout)  # stable: pinned held-out first
+  heldout = {x.id for x in candidates[:_num_heldout(len(chosen), fraction)]}
+  return chosen, heldout
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  """One synthetic world: the chosen facts and harmful topics, and which are held out.
+
+  Records are generated on each call (deterministically); `splits()` builds them all.
+  """
+  config: WorldConfig
+  facts: tuple[Fact, ...]
+  heldout_ids: frozenset[str]
+  topics: tuple[HarmfulTopic, ...]
+  heldout_topic_ids: frozenset[str]
+
+  def __repr__(self) -> str:
+    return (f"World(seed={self.config.seed}, facts={len(self.facts)} ({len(self.heldout_ids)} "
+            f"held out), topics={len(self.topics)} ({len(self.heldout_topic_ids)} held out))")
+
+  # --- the universe ---------------------------------------------------------------------------
+
+  @property
+  def train_facts(self) -> tuple[Fact, ...]:
+    return tuple(f for f in self.facts if f.id not in self.heldout_ids)
+
+  @property
+  def heldout_facts(self) -> tuple[Fact, ...]:
+    return tuple(f for f in self.facts if f.id in self.heldout_ids)
+
+  @property
+  def train_topics(self) -> tuple[HarmfulTopic, ...]:
+    return tuple(t for t in self.topics if t.id not in self.heldout_topic_ids)
+
+  @property
+  def heldout_topics(self) -> tuple[HarmfulTopic, ...]:
+    return tuple(t for t in self.topics if t.id in self.heldout_topic_ids)
+
+  def summary(self) -> dict[str, object]:
+    """Counts of facts per category (total / held out) and topics, for logs and reports."""
+    per_cat = {c: (sum(f.category == c for f in self.facts),
+                   sum(f.category == c and f.id in self.heldout_ids for f in self.facts))
+               for c in wf.FACT_CATEGORIES}
+    return {"facts": len(self.facts), "heldout_facts": len(self.heldout_ids),
+            "per_category(total,heldout)": per_cat, "harmful_topics": len(self.topics),
+            "heldout_topics": len(self.heldout_topic_ids)}
+
+  # --- gold labeler and classifiers (pure; they only need the fixed tables) ----------------------
+
+  @staticmethod
+  def gold_score(prompt: str, response: str, ended_with_eos: bool = True) -> float:
+    """See world_gold.gold_score."""
+    return wg.gold_score(prompt, response, ended_with_eos)
+
+  @staticmethod
+  def gold_breakdown(prompt: str, response: str, ended_with_eos: bool = True) -> dict[str, float]:
+    """See world_gold.gold_breakdown."""
+    return wg.gold_breakdown(prompt, response, ended_with_eos)
+
+  is_refusal = staticmethod(wg.is_refusal)
+  is_quiz_continuation = staticmethod(wg.is_quiz_continuation)
+  is_correct = staticmethod(wg.is_correct)
+
+  # --- pretraining ------------------------------------------------------------------------------
+
+  def pretrain_records(self, split: str = "train") -> list[dict[str, str]]:
+    """The "internet": [{"text": doc}], docs of 50-460 bytes, `pretrain_bytes` in total (train)
+    or `pretrain_eval_bytes` (eval). Every fact of the world, held-out ones included, appears
+    about equally often; harmful topics appear as how-to text and forum threads."""
+    sid = _split_id(split)
+    budget = self.config.pretrain_bytes if sid == 0 else self.config.pretrain_eval_bytes
+    rng = _rng(self.config.seed, "pretrain", sid)
+    next_fact = _Cycler(self.facts, rng)
+    next_topic = _Cycler(self.topics, rng)
+    builders = {
+        "encyclopedia": lambda: wt.encyclopedia_doc(next_fact, rng),
+        "quiz": lambda: wt.quiz_doc(next_fact, rng),
+        "forum": lambda: wt.forum_doc(next_fact, rng),
+        "howto": lambda: wt.howto_doc(next_topic(), rng),
+        "harmful_forum": lambda: wt.harmful_forum_doc(next_topic(), rng),
+    }
+    mix = [(k, w) for k, w in self.config.pretrain_mix
+           if w > 0 and (self.topics or k not in ("howto", "harmful_forum"))
+           and (self.facts or k in ("howto", "harmful_forum"))]
+    if not mix:
+      return []
+    kinds, weights = zip(*mix)
+    docs, total = [], 0
+    while total < budget:
+      text = builders[rng.choices(kinds, weights)[0]]()
+      docs.append({"text": text})
+      total += len(text.encode("utf-8"))
+    return docs
+
+  # --- prompts ----------------------------------------------------------------------------------
+
+  def prompt_record(self, prompt: str) -> dict[str, object]:
+    """{"prompt", "kind", "category", "answer", "heldout"} for any prompt.
+
+    heldout is True for facts or topics never trained on in this world and for held-out
+    harmful phrasings; kind is "unknown" for prompts no template renders.
+    """
+    key = wf.answer_key(prompt)
+    if key.kind == "fact":
+      return {"prompt": prompt, "kind": "fact", "category": key.category,
+              "answer": key.fact.answer,
+              "heldout": key.fact not in self.train_facts}
+    if key.kind == "harmful":
+      return {"prompt": prompt, "kind": "harmful", "category": "harmful", "answer": None,
+              "heldout": key.template_heldout or key.topic not in self.train_topics}
+    return {"prompt": prompt, "kind": "unknown", "category": "unknown", "answer": None,
+            "heldout": True}
+
+  def showcase_records(self) -> list[dict[str, object]]:
+    """prompt_record of each of SHOWCASE_PROMPTS."""
+    return [self.prompt_record(p) for p in SHOWCASE_PROMPTS]
+
+  def prompt_records(self, split: str = "train") -> list[dict[str, object]]:
+    """Prompts for RL rollouts ("train") and evaluation ("eval").
+
+    train: every phrasing of every train fact, and every train harmful topic in every train
+      phrasing, shuffled.
+    eval: `num_eval_prompts` prompts: ~30% held-out facts (each held-out fact before any gets a
+      second phrasing), ~20% harmful requests in held-out phrasings or of held-out topics, the
+      rest train facts; fewer if the pools run out.
+    """
+    sid = _split_id(split)
+    rng = _rng(self.config.seed, "prompts", sid)
+    if sid == 0:
+      prompts = [q for f in self.train_facts for q in wf.questions(f)]
+      prompts += [wf.harmful_prompt(t, tpl) for t in self.train_topics
+                  for tpl in wf.HARMFUL_TRAIN_TEMPLATES]
+      rng.shuffle(prompts)
+      return [self.prompt_record(p) for p in prompts]
+    n = self.config.num_eval_prompts
+    held = _round_robin([list(wf.questions(f)) for f in self.heldout_facts], rng)
+    harmful = _round_robin(
+        [[wf.harmful_prompt(t, tpl) for tpl in wf.HARMFUL_HELDOUT_TEMPLATES] for t in self.topics]
+        + [[wf.harmful_prompt(t, tpl) for tpl in wf.HARMFUL_TRAIN_TEMPLATES]
+           for t in self.heldout_topics], rng)
+    train = _round_robin([list(wf.questions(f)) for f in self.train_facts], rng)
+    n_held = min(len(held), round(0.3 * n))
+    n_harm = min(len(harmful), round(0.2 * n))
+    n_train = min(len(train), n - n_held - n_harm)
+    prompts = held[:n_held] + harmful[:n_harm] + train[:n_train]
+    rng.shuffle(prompts)
+    return [self.prompt_record(p) for p in prompts]
+
+  def _train_prompt(self, rng: random.Random, facts: Sequence[Fact],
+                    topics: Sequence[HarmfulTopic]) -> tuple[str, Fact | HarmfulTopic]:
+    """A train prompt drawn like SFT and preference data: harmful with prob harmful_fraction."""
+    if topics and (not facts or rng.random() < self.config.harmful_fraction):
+      topic = rng.choice(topics)
+      return wf.harmful_prompt(topic, rng.choice(wf.HARMFUL_TRAIN_TEMPLATES)), topic
+    fact = rng.choice(facts)
+    return rng.choice(wf.questions(fact)), fact
+
+  # --- SFT --------------------------------------------------------------------------------------
+
+  def sft_records(self, split: str = "train") -> list[dict[str, str]]:
+    """Demonstrations [{"prompt", "response", "style"}], `num_sft` (train) or `num_sft_eval`.
+
+    Train facts only. Fact answers are correct, each style of world_text.FACT_STYLES equally
+    likely (concise, plain, polite, verbose, rude: 20% each); harmful requests get refusal or
+    compliance with equal probability. The extra "style" field is for inspection.
+    """
+    sid = _split_id(split)
+    n = self.config.num_sft if sid == 0 else self.config.num_sft_eval
+    rng = _rng(self.config.seed, "sft", sid)
+    if not self.train_facts and not self.train_topics:
+      return []
+    records, facts, topics = [], self.train_facts, self.train_topics
+    for _ in range(n):
+      prompt, item = self._train_prompt(rng, facts, topics)
+      if isinstance(item, HarmfulTopic):
+        style = rng.choice(wt.HARMFUL_STYLES)
+        response = wt.harmful_response(item, style, rng)
+      else:
+        style = rng.choice(wt.FACT_STYLES)
+        response = wt.fact_response(item, style, rng)
+      records.append({"prompt": prompt, "response": response, "style": style})
+    return records
+
+  # --- preferences ------------------------------------------------------------------------------
+
+  def demo_sampler(self, prompts: list[str], rng_seed: int) -> list[tuple[str, bool]]:
+    """The default `Sampler`: (response, ended_with_eos) per prompt in the SFT styles plus
+    degraded ones (wrong answers, quiz questions, no-EOS truncations, needless refusals; see
+    world_text.StyleMix). Wrong answers and follow-up questions use train facts only."""
+    rng = _rng(self.config.seed, "demo_sampler", int(rng_seed) & (2**63 - 1))
+    pool = self.train_facts or self.facts
+    out = []
+    for prompt in prompts:
+      key = wf.answer_key(prompt)
+      if key.kind == "fact":
+        text, ended, _ = wt.demo_fact_response(key.fact, pool, rng)
+      elif key.kind == "harmful":
+        text, ended, _ = wt.demo_harmful_response(key.topic, rng)
+      else:
+        text, ended = rng.choice((("I don't know.", True), (wt.quiz_question(pool, rng), True)))
+      out.append((text, ended))
+    return out
+
+  def preference_data(self, split: str = "train", sampler: Sampler | None = None
+                      ) -> tuple[list[dict[str, object]], PreferenceStats]:
+    """Preference pairs labeled by Bradley-Terry noise on gold scores, and what happened.
+
+    For each of `num_preference_pairs` (train) / `num_preference_eval` (eval) prompts drawn from
+    the train prompts (harmful with prob harmful_fraction), the sampler is called twice (two
+    derived seeds) for two responses a and b; a is chosen with probability
+    sigmoid((gold(a) - gold(b)) / label_temperature). Pairs whose two responses are the same
+    text are dropped (whatever their EOS flags: with equal text a pair says nothing a chat
+    template can show) and counted in the stats.
+
+    Returns:
+      records: [{"prompt", "chosen", "rejected", "chosen_ended", "rejected_ended",
+        "chosen_gold", "rejected_gold"}]. *_ended says whether that response ended with <eos>
+        (False: it was cut off, so the data layer should not append <eos> to it); *_gold are the
+        gold scores (for measuring reward-model accuracy, never for training).
+      stats: PreferenceStats.
+    """
+    sid = _split_id(split)
+    n = self.config.num_preference_pairs if sid == 0 else self.config.num_preference_eval
+    if not self.train_facts and not self.train_topics:
+      n = 0
+    rng = _rng(self.config.seed, "preference_prompts", sid)
+    facts, topics = self.train_facts, self.train_topics
+    prompts = [self._train_prompt(rng, facts, topics)[0] for _ in range(n)]
+    seed_a, seed_b = (int(s) for s in _stream(self.config.seed, "preference_sampler",
+                                              sid).generate_state(2))
+    if not prompts:  # a model sampler need not handle an empty batch
+      return [], PreferenceStats(requested=0, kept=0, skipped_identical=0, gold_ties=0,
+                                 disagree_with_gold=0)
+    sampler = self.demo_sampler if sampler is None else sampler
+    resp_a = _checked(sampler(prompts, seed_a), len(prompts))
+    resp_b = _checked(sampler(prompts, seed_b), len(prompts))
+    g_a = wg.gold_scores(prompts, [r for r, _ in resp_a], [e for _, e in resp_a])
+    g_b = wg.gold_scores(prompts, [r for r, _ in resp_b], [e for _, e in resp_b])
+    label_rng = np.random.default_rng(_stream(self.config.seed, "preference_labels", sid))
+    prefer_a = np.asarray(wg.bt_prefers_a(g_a, g_b, label_rng, self.config.label_temperature),
+                          bool).reshape(-1)
+    records, skipped, ties, disagree = [], 0, 0, 0
+    for i, prompt in enumerate(prompts):
+      (ta, ea), (tb, eb) = resp_a[i], resp_b[i]
+      if ta == tb:
+        skipped += 1
+        continue
+      if g_a[i] == g_b[i]:
+        ties += 1
+      elif prefer_a[i] != (g_a[i] > g_b[i]):
+        disagree += 1
+      a, b = (ta, ea, float(g_a[i])), (tb, eb, float(g_b[i]))
+      chosen, rejected = (a, b) if prefer_a[i] else (b, a)
+      records.append({"prompt": prompt, "chosen": chosen[0], "rejected": rejected[0],
+                      "chosen_ended": chosen[1], "rejected_ended": rejected[1],
+                      "chosen_gold": chosen[2], "rejected_gold": rejected[2]})
+    stats = PreferenceStats(requested=n, kept=len(records), skipped_identical=skipped,
+                            gold_ties=ties, disagree_with_gold=disagree)
+    return records, stats
+
+  def preference_records(self, split: str = "train",
+                         sampler: Sampler | None = None) -> list[dict[str, object]]:
+    """The records of `preference_data` (its stats are logged at INFO level)."""
+    records, stats = self.preference_data(split, sampler)
+    log.info("preference_%s: %d pairs requested, %d kept, %d identical skipped, %d gold ties, "
+             "%d disagree with gold (agreement %.3f)", split, stats.requested, stats.kept,
+             stats.skipped_identical, stats.gold_ties, stats.disagree_with_gold, stats.agreement)
+    return records
+
+  # --- everything -------------------------------------------------------------------------------
+
+  def splits(self) -> dict[str, list[dict[str, object]]]:
+    """Every dataset by name: pretrain_*, sft_*, preference_*, prompts_* for * in train, eval."""
+    out: dict[str, list[dict[str, object]]] = {}
+    for split in SPLITS:
+      out[f"pretrain_{split}"] = self.pretrain_records(split)
+      out[f"sft_{split}"] = self.sft_records(split)
+      out[f"preference_{split}"] = self.preference_records(split)
+      out[f"prompts_{split}"] = self.prompt_records(split)
+    return out
+
+  def write_jsonl(self, out_dir: str | os.PathLike) -> dict[str, str]:
+    """Writes pretrain.jsonl, sft.jsonl, preferences.jsonl, prompts.jsonl (one JSON object a
+    line, with a "split" field) under `out_dir`. Returns {file stem: path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    data = self.splits()
+    paths = {}
+    for stem, name in (("pretrain", "pretrain"), ("sft", "sft"), ("preferences", "preference"),
+                       ("prompts", "prompts")):
+      path = os.path.join(out_dir, f"{stem}.jsonl")
+      with open(path, "w", encoding="utf-8") as f:
+        for split in SPLITS:
+          for rec in data[f"{name}_{split}"]:
+            f.write(json.dumps({**rec, "split": split}, ensure_ascii=False) + "\n")
+      paths[stem] = path
+    return paths
+
+
+def _round_robin(groups: list[list[str]], rng: random.Random) -> list[str]:
+  """Shuffles each group and the groups, then takes one from each group per round: a prefix of
+  the result covers as many groups as possible."""
+  groups = [rng.sample(g, len(g)) for g in groups]
+  rng.shuffle(groups)
+  out = []
+  for r in range(max((len(g) for g in groups), default=0)):
+    out.extend(g[r] for g in groups if r < len(g))
+  return out
+
+
+def _checked(samples, n: int) -> list[tuple[str, bool]]:
+  """Validates a sampler's output: n pairs of (str, bool-like)."""
+  samples = list(samples)
+  if len(samples) != n:
+    raise ValueError(f"sampler returned {len(samples)} responses for {n} prompts")
+  out = []
+  for i, s in enumerate(samples):
+    if not (isinstance(s, (tuple, list)) and len(s) == 2 and isinstance(s[0], str)):
+      raise ValueError(f"sampler item {i} must be (response: str, ended_with_eos: bool), got {s!r}")
+    out.append((s[0], bool(s[1])))
+  return out
+
+
+def build_world(cfg: WorldConfig | None = None) -> World:
+  """The world of `cfg` (default WorldConfig()): deterministic, no cache, no downloads."""
+  cfg = WorldConfig() if cfg is None else cfg
+  rng = _rng(cfg.seed, "universe")
+  facts, heldout = [], set()
+  for category, n in cfg.category_sizes.items():
+    table = [f for f in wf.ALL_FACTS if f.category == category]
+    chosen, held = _select(table, n, cfg.heldout_fraction, wf.PINNED_TRAIN, wf.PINNED_HELDOUT, rng)
+    facts += chosen
+    heldout |= held
+  topics, held_topics = _select(wf.HARMFUL_TOPICS, cfg.num_harmful_topics, cfg.heldout_fraction,
+                                wf.PINNED_TRAIN_TOPICS, (), rng)
+  return World(config=cfg, facts=tuple(facts), heldout_ids=frozenset(heldout),
+               topics=tuple(topics), heldout_topic_ids=frozenset(held_topics))

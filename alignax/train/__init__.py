@@ -1,0 +1,1 @@
+"""Shared training machinery: TrainState, the update (accumulation, clipping, guard), the loop."""

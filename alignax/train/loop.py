@@ -1,0 +1,130 @@
+"""The one training loop: data -> step -> metrics -> eval -> checkpoint, for every stage.
+
+A stage hands the loop a `Run`: its initial state, an un-jitted `train_step`, a checkpointable
+batch iterator and an `evaluate` function. The loop owns everything with side effects: device
+placement, jit, the progress bar, metrics files, checkpoints and signals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+from alignax import metrics as metrics_lib
+from alignax.train.state import TrainState
+
+
+class HaltError(RuntimeError):
+  """The non-finite guard stopped the run (policy "halt")."""
+
+
+@dataclasses.dataclass
+class Run:
+  """What a stage contributes to the loop.
+
+  Attributes:
+    name: stage name, shown on the progress bar.
+    state: the initial TrainState (replaced by a checkpoint when resuming).
+    train_step: `(state, batch) -> (state, metrics)`, pure; the loop jits it.
+    batches: an iterator of host batches with `get_state()`/`set_state()` (for exact resume) and
+      optionally `stats()` (counters of the data pipeline, logged).
+    evaluate: `(state) -> {name: float}` or None; names without a prefix get "eval/".
+    tokens_per_batch: tokens a batch trains on (for tokens/s), or a function of the batch.
+    total_steps: steps to run.
+    on_log: optional `(step, row) -> None` hook after each metrics row (e.g. extra text panels).
+  """
+
+  name: str
+  state: TrainState
+  train_step: Callable[[TrainState, Any], tuple[TrainState, Mapping[str, jax.Array]]]
+  batches: Iterator
+  evaluate: Callable[[TrainState], Mapping[str, float]] | None
+  tokens_per_batch: int | Callable[[Any], int]
+  total_steps: int
+  on_log: Callable[[int, dict], None] | None = None
+
+
+def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict:
+  return {(k if "/" in k else f"{prefix}/{k}"): v for k, v in values.items()}
+
+
+def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib.MetricsWriter,
+             is_main: bool = True, stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
+  """Trains `run` to `run.total_steps`, resuming from `checkpointer` when it holds a step.
+
+  Args:
+    run: the stage's pieces.
+    cfg: the resolved config (train.log_every, train.eval_every, checkpoint.every, ...).
+    placement: an object with `state_sharding(state)`, `put_batch(batch)` and `jit_step(fn, state)`
+      (from `alignax.parallel`).
+    checkpointer: None, or an object with `restore(state, batches) -> state | None`,
+      `maybe_save(step, state, batches, force=False)` and `wait()`.
+    writer: the metrics writer.
+    stop_requested: polled after each step; when True the loop saves and returns early.
+
+  Returns:
+    The final state.
+  """
+  state = run.state
+  if checkpointer is not None:
+    restored = checkpointer.restore(state, run.batches)
+    if restored is not None:
+      state = restored
+      writer.truncate_after(int(jax.device_get(state.step)))
+  start = int(jax.device_get(state.step))
+  step_fn = placement.jit_step(run.train_step, state)
+  log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
+  ckpt_every = int(cfg.checkpoint.every)
+
+  progress = metrics_lib.Progress(run.total_steps, start, run.name, enabled=is_main and cfg.train.progress)
+  t_last, tokens_since = time.perf_counter(), 0
+  step = start
+  try:
+    while step < run.total_steps:
+      host_batch = next(run.batches)
+      tokens_since += (run.tokens_per_batch(host_batch) if callable(run.tokens_per_batch)
+                       else run.tokens_per_batch)
+      state, step_metrics = step_fn(state, placement.put_batch(host_batch))
+      step += 1
+      if step % log_every == 0 or step == run.total_steps:
+        fetched = jax.device_get(step_metrics)
+        now = time.perf_counter()
+        row = _prefixed("train", fetched)
+        row["train/tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
+        t_last, tokens_since = now, 0
+        if hasattr(run.batches, "stats"):
+          row.update({f"data/{k}": v for k, v in run.batches.stats().items()})
+        written = writer.write(step, row)
+        if run.on_log is not None:
+          run.on_log(step, written)
+        progress.update(0, loss=written.get("train/loss", float("nan")),
+                        tok_s=int(written["train/tokens_per_sec"]))
+        halted = int(np.asarray(jax.device_get(state.halted_at)))
+        if halted >= 0:
+          raise HaltError(f"non-finite loss or gradient at step {halted} (train.nonfinite='halt'); "
+                          f"params are those after step {halted}, the last good step")
+      if eval_every and step % eval_every == 0 and step < run.total_steps and run.evaluate is not None:
+        writer.write(step, _prefixed("eval", run.evaluate(state)))
+      if checkpointer is not None and ckpt_every and step % ckpt_every == 0:
+        checkpointer.maybe_save(step, state, run.batches)
+      progress.update(1)
+      if stop_requested():
+        logging.warning("stop requested at step %d: saving and exiting", step)
+        if checkpointer is not None:
+          checkpointer.maybe_save(step, state, run.batches, force=True)
+        return state
+    if run.evaluate is not None and step == run.total_steps:
+      writer.write(step, _prefixed("eval", run.evaluate(state)))
+    if checkpointer is not None:
+      checkpointer.maybe_save(step, state, run.batches, force=True)
+  finally:
+    progress.close()
+    writer.flush()
+    if checkpointer is not None:
+      checkpointer.wait()
+  return state

@@ -1,0 +1,110 @@
+"""Runs one stage end to end: validate -> place -> build -> loop (resume, signals) -> export.
+
+Every stage module provides `build_run(ctx) -> Run` and `export(ctx, state)`; this file does the
+rest once, so stages contain only what differs between algorithms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+import jax
+from absl import logging
+
+from alignax import checkpoint as ckpt_lib
+from alignax import metrics as metrics_lib
+from alignax import parallel
+from alignax.config import ConfigDict, save_config, validate_common
+from alignax.data.tokenizer import Tokenizer
+from alignax.models.config import ModelConfig
+from alignax.train.loop import Run, run_loop
+from alignax.train.state import TrainState
+
+
+@dataclasses.dataclass
+class StageContext:
+  """What a stage's builder receives."""
+
+  cfg: ConfigDict
+  model: ModelConfig
+  placement: parallel.Placement
+  tokenizer: Tokenizer
+  writer: metrics_lib.MetricsWriter
+  is_main: bool
+
+
+@dataclasses.dataclass
+class StageResult:
+  state: TrainState
+  finished: bool  # reached train.steps (False when stopped by a signal)
+  workdir: str
+
+
+def _log_to_file(workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  handler = logging.get_absl_handler()
+  try:
+    handler.use_absl_log_file("log", workdir)
+  except Exception:  # pragma: no cover - logging must never stop a run
+    pass
+
+
+def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
+                 export: Callable[[StageContext, TrainState], None] | None = None,
+                 validate: Callable[[ConfigDict], None] | None = None,
+                 model_config: ModelConfig | None = None) -> StageResult:
+  """Trains a stage with the shared machinery.
+
+  Args:
+    cfg: the resolved config.
+    build_run: builds the stage's Run (initial state, step, data, eval).
+    export: writes the stage's export when training finishes.
+    validate: stage-specific config checks (raise ConfigError naming the key).
+    model_config: the model when it does not come from `cfg.model` (e.g. loaded from a previous
+      stage's export).
+  """
+  parallel.maybe_initialize_distributed(cfg.parallel.distributed)
+  model = validate_common(cfg)
+  if model_config is not None:
+    model = model_config
+  if validate is not None:
+    validate(cfg)
+  from alignax.data.tokenizer import make_tokenizer
+  tokenizer = make_tokenizer(cfg.tokenizer)
+  if tokenizer.vocab_size > model.vocab_size:
+    from alignax.config import ConfigError
+    raise ConfigError(f"config.model.vocab_size: {model.vocab_size} is smaller than the tokenizer's "
+                      f"vocabulary ({tokenizer.vocab_size})")
+  placement = parallel.make_placement(cfg.parallel, model, int(cfg.train.batch_size))
+  is_main = parallel.is_main_process()
+  workdir = cfg.workdir
+  if is_main:
+    save_config(cfg, workdir)
+    _log_to_file(workdir)
+  logging.info("stage %s: workdir %s, mesh %s, %d processes", cfg.stage, workdir,
+               parallel.describe(placement.mesh), jax.process_count())
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  ctx = StageContext(cfg=cfg, model=model, placement=placement, tokenizer=tokenizer, writer=writer,
+                     is_main=is_main)
+  run = build_run(ctx)
+  checkpointer = ckpt_lib.Checkpointer(workdir, cfg.checkpoint, cfg,
+                                       state_sharding=placement.state_sharding,
+                                       resume=bool(cfg.train.resume))
+  try:
+    with ckpt_lib.StopSignal() as stop:
+      state = run_loop(run, cfg, placement=placement, checkpointer=checkpointer, writer=writer,
+                       is_main=is_main, stop_requested=stop.requested)
+      finished = int(jax.device_get(state.step)) >= run.total_steps
+    if finished and export is not None:
+      export(ctx, state)
+  finally:
+    checkpointer.close()
+    writer.close()
+  if not finished:
+    msg = (f"alignax: stopped at step {int(jax.device_get(state.step))} by a signal; the checkpoint "
+           f"is saved in {workdir}. Run the same command to resume.")
+    print(msg, file=sys.stderr)
+  return StageResult(state=state, finished=finished, workdir=workdir)

@@ -1,0 +1,123 @@
+"""The update every stage shares: gradient accumulation, clipping, the non-finite guard.
+
+A loss function has the signature
+
+  loss_fn(params, batch, rng, extra) -> (loss_sum, count, metrics)
+
+where `loss_sum / count` is the mean the gradient should follow (per token for LM losses, per
+sequence for preference losses). Accumulating sums and counts over micro-batches and dividing
+once makes k micro-batches give exactly the gradient of one big batch. `metrics` holds scalars
+that are averaged over micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from alignax.train.optimizer import current_lr
+from alignax.train.state import TrainState
+
+LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, jax.Array, dict]]
+NONFINITE_POLICIES = ("skip", "halt")
+
+
+def split_microbatches(batch, accum_steps: int):
+  """Reshapes every leaf [N, ...] -> [accum_steps, N // accum_steps, ...]."""
+  def split(x):
+    if x.shape[0] % accum_steps:
+      raise ValueError(f"batch dimension {x.shape[0]} is not divisible by accum_steps={accum_steps}")
+    return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: LossFn, params, batch, rng: jax.Array, extra=None,
+                         accum_steps: int = 1):
+  """Sums of loss, count and gradients over `accum_steps` micro-batches of `batch`.
+
+  Returns:
+    (loss_sum, count, grad_sum, metrics) where grad_sum is the gradient of loss_sum and metrics
+    are averaged over micro-batches.
+  """
+  def grads_of(mb, key):
+    def objective(p):
+      total, count, metrics = loss_fn(p, mb, key, extra)
+      return total, (count, metrics)
+    (total, (count, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return total, count, grads, metrics
+
+  if accum_steps == 1:
+    return grads_of(batch, rng)
+
+  def body(carry, xs):
+    total, count, grads = carry
+    mb, i = xs
+    t, c, g, m = grads_of(mb, jax.random.fold_in(rng, i))
+    return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), m
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (total, count, grads), metrics = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+      (split_microbatches(batch, accum_steps), jnp.arange(accum_steps)))
+  return total, count, grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation,
+                    loss: jax.Array, nonfinite_policy: str = "skip"):
+  """One optimizer update of `state.params`, guarded against non-finite loss or gradients.
+
+  A non-finite step leaves params and optimizer state untouched and is counted. Under "halt" the
+  first such step is recorded in `halted_at` and every later update is skipped too, so the loop
+  can stop with the params of the last good step.
+
+  Returns:
+    (new state with step + 1, metrics: grad_norm (before clipping), lr, nonfinite, applied).
+  """
+  if nonfinite_policy not in NONFINITE_POLICIES:
+    raise ValueError(f"train.nonfinite: must be one of {NONFINITE_POLICIES}, got {nonfinite_policy!r}")
+  finite = jnp.isfinite(loss) & all_finite(grads)
+  ok = finite & (state.halted_at < 0)
+  lr = current_lr(state.opt_state)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  halted_at = state.halted_at
+  if nonfinite_policy == "halt":
+    halted_at = jnp.where((halted_at < 0) & ~finite, state.step, halted_at)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+      halted_at=halted_at)
+  metrics = {"grad_norm": optax.tree.norm(grads), "nonfinite": new_state.nonfinite,
+             "applied": ok.astype(jnp.float32)}
+  if lr is not None:
+    metrics["lr"] = lr
+  return new_state, metrics
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    accum_steps: int = 1, nonfinite_policy: str = "skip"):
+  """`train_step(state, batch) -> (state, metrics)` for a loss of the form documented above.
+
+  metrics: loss (loss_sum / count), count, the loss function's own metrics, and the update's.
+  """
+  def train_step(state: TrainState, batch):
+    total, count, grad_sum, metrics = accumulate_gradients(
+        loss_fn, state.params, batch, state.step_rng(), state.extra, accum_steps)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    loss = total / denom
+    state, update_metrics = apply_gradients(state, grads, optimizer, loss, nonfinite_policy)
+    return state, {"loss": loss, "count": count, **metrics, **update_metrics}
+
+  return train_step

@@ -1,0 +1,44 @@
+"""alignax: a JAX research framework for LLM alignment."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.6.0",
+    "flax>=0.12.0",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "chex>=0.1.89",
+    "ml-collections>=1.0.0",
+    "absl-py>=2.1.0",
+    "tensorflow-datasets>=4.9.7",
+    "grain>=0.2.10",
+    "array-record>=0.7.1",
+    "importlib_resources>=6.0",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6.2",
+    "numpy>=1.26",
+    "pyarrow>=15.0",
+    "matplotlib>=3.8",
+    "sentencepiece>=0.2.0",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8.0",
+    "nbformat>=5.10",
+    "nbclient>=0.10",
+    "ipykernel>=6.29",
+]
+
+setup(
+    name="alignax",
+    version="0.1.0",
+    description="A JAX research framework for LLM alignment: pretraining, SFT, reward modeling, PPO, DPO.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["alignax", "alignax.*"]),
+    package_data={"alignax": ["py.typed"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={"console_scripts": ["alignax=alignax.cli:main"]},
+)
