@@ -48,6 +48,9 @@ def base_config(stage: str, preset: str = "tiny") -> ConfigDict:
   c.data.eval_files = ""
   c.data.seq_len = 128
   c.data.bad_records = "error"  # "error" or "skip" (skipped records are counted in the logs)
+  c.data.loader = "tfds"  # "tfds" (array_record datasets read by grain) or "memory"
+  c.data.tfds_dir = ""  # where TFDS datasets are built; "" = $ALIGNAX_DATA_DIR or ~/.cache/alignax/tfds
+  c.data.eval_records = 256  # with data.source="files" and no eval_files: hold out this many records
 
   c.optimizer = ConfigDict()
   c.optimizer.lr = 1e-3
@@ -116,6 +119,7 @@ def validate_common(cfg: ConfigDict) -> ModelConfig:
   _check(cfg.data.source != "files" or bool(cfg.data.train_files), "data.train_files",
          "must name at least one file when data.source='files'")
   _one_of(cfg, "data.bad_records", ("error", "skip"))
+  _one_of(cfg, "data.loader", ("tfds", "memory"))
   _one_of(cfg, "optimizer.schedule", ("cosine", "linear", "constant"))
   _check(cfg.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {cfg.optimizer.lr}")
   _check(0 <= cfg.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")

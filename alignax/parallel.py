@@ -195,3 +195,16 @@ def is_main_process() -> bool:
 def describe(mesh: Mesh) -> str:
   return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
 
+
+
+def init_sharded(placement: Placement, init_fn: Callable[[], Any]):
+  """Runs `init_fn` under jit with its outputs laid out on the mesh, so large params are created
+  already sharded instead of on one device first."""
+  abstract = jax.eval_shape(init_fn)
+  return jax.jit(init_fn, out_shardings=placement.state_sharding(abstract))()
+
+
+def jit_eval(placement: Placement, fn: Callable, params) -> Callable:
+  """jit `fn(params, batch)` with the params' shardings, the batch over the data axes, outputs replicated."""
+  return jax.jit(fn, in_shardings=(placement.state_sharding(params), batch_sharding(placement.mesh)),
+                 out_shardings=placement.replicated())

@@ -15,9 +15,8 @@ def get_config(preset: str | None = None):
   preset = preset or "tiny"
   c = base_config("pretrain", preset)
   c.world = world_section()
-  c.data.text_mode = "lines"  # text files: "lines" (one document per line) or "files" (whole file)
+  c.data.text_mode = "lines"  # text files: "lines" (one document per line) or "file" (whole file)
   c.data.long_docs = "split"  # documents longer than seq_len: "split" into chunks or "truncate"
-  c.data.eval_docs = 512  # held-out documents for eval/loss when no data.eval_files are given
 
   if preset == "tiny":
     c.model = model_section(d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256)

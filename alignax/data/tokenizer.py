@@ -14,6 +14,7 @@ The byte tokenizer maps byte b to id b (0..255), followed by the special tokens.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -118,3 +119,21 @@ def encode_batch(tok: Tokenizer, texts: Sequence[str], max_len: int, *, add_bos:
     else:
       ids[row, max_len - n:], mask[row, max_len - n:] = seq, True
   return ids, mask, num_truncated
+
+
+def make_tokenizer(name_or_path: str) -> Tokenizer:
+  """"bytes" -> ByteTokenizer; "*.model" -> SentencePieceTokenizer.
+
+  A HuggingFace `tokenizer.json` is not supported yet and says so.
+  """
+  from alignax.data.schemas import DataError  # lazy: schemas imports this module's users
+  if name_or_path in ("bytes", "byte"):
+    return ByteTokenizer()
+  if name_or_path.endswith(".model"):
+    from alignax.data.sentencepiece_tokenizer import SentencePieceTokenizer
+    return SentencePieceTokenizer(name_or_path)
+  if name_or_path.endswith(".json") or os.path.isdir(name_or_path):
+    raise DataError(f"tokenizer {name_or_path!r}: HuggingFace tokenizer.json support is not "
+                   f"implemented yet; use 'bytes' or a SentencePiece '*.model' file")
+  raise DataError(f"unknown tokenizer {name_or_path!r}; expected 'bytes' or a SentencePiece "
+                 f"'*.model' file")

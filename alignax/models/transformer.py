@@ -105,11 +105,20 @@ class Attention(nnx.Module):
       (out [B, T, d], updated (k, v) or None).
     """
     cfg, dt = self.cfg, x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
-    if cfg.use_bias or cfg.qkv_bias:
-      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    b, t, d = x.shape
+    # Projections as 2-D matmuls over all B*T tokens: XLA:CPU runs them (and their gradients)
+    # far faster than the same contraction written over [B, T, d].
+    x2 = x.reshape(b * t, d)
+    def project(w, bias):
+      heads = w.shape[1]
+      y = x2 @ w[...].astype(dt).reshape(d, -1)
+      if bias is not None:
+        y = y + bias[...].astype(dt).reshape(-1)
+      return y.reshape(b, t, heads, -1)
+    biased = cfg.use_bias or cfg.qkv_bias
+    q = project(self.wq, self.bq if biased else None)
+    k = project(self.wk, self.bk if biased else None)
+    v = project(self.wv, self.bv if biased else None)
     if cfg.position == "rope":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     if kv_cache is not None:
@@ -118,10 +127,10 @@ class Attention(nnx.Module):
       v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_end, axis=1)
       k, v, kv_cache = k_all.astype(dt), v_all.astype(dt), (k_all, v_all)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
-    out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+    out = out.reshape(b * t, -1) @ self.wo[...].astype(dt).reshape(-1, d)
     if cfg.use_bias:
       out = out + self.bo[...].astype(dt)
-    return out, kv_cache
+    return out.reshape(b, t, d), kv_cache
 
 
 class Mlp(nnx.Module):
@@ -140,6 +149,8 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     dt = x.dtype
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # 2-D matmuls (see Attention)
     h = x @ self.w_in[...].astype(dt)
     if self.cfg.use_bias:
       h = h + self.b_in[...].astype(dt)
@@ -150,7 +161,7 @@ class Mlp(nnx.Module):
     out = h @ self.w_out[...].astype(dt)
     if self.cfg.use_bias:
       out = out + self.b_out[...].astype(dt)
-    return out
+    return out.reshape(shape)
 
 
 class Block(nnx.Module):
@@ -239,7 +250,7 @@ class Transformer(nnx.Module):
       def body(x, layer_params):
         x, _ = layer(x, layer_params, None)
         return x, None
-      x, _ = jax.lax.scan(body, x, stacked)
+      x, _ = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
       new_cache = None
     else:
       # The cache rides in the carry and is updated in place at [layer, :, end:end+T].
@@ -251,14 +262,16 @@ class Transformer(nnx.Module):
         v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_i, i, axis=0)
         return (x, k_all, v_all), None
       (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
-                                          (stacked, jnp.arange(cfg.n_layers)))
+                                          (stacked, jnp.arange(cfg.n_layers)), unroll=cfg.scan_unroll)
       new_cache = dict(k=k_all, v=v_all, segment_ids=k_segments, end=cache["end"] + t)
     return self.final_norm(x), new_cache
 
   def unembed(self, h: Array) -> Array:
     """[B, T, d] hidden -> [B, T, V] float32 logits (matmul in compute dtype, fp32 accumulate)."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    b, t, d = h.shape
+    logits = jnp.matmul(h.reshape(b * t, d), w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(b, t, -1)
 
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache=None):
     """(logits [B, T, V] float32, cache) for tokens [B, T]; see `hidden`."""

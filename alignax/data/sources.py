@@ -1,0 +1,149 @@
+"""Where a stage's records come from: the built-in world or the user's files, via TFDS.
+
+`split_sources(cfg, kind)` returns {"train": source, "eval": source} for a record kind
+("pretrain" text, "sft", "preference", "prompts"). Sources are random-access (len() and [i])
+and feed the grain pipelines in `alignax.data.pipeline`.
+
+  data.source = "world": the world of `world.*`, built once into an array_record TFDS dataset
+    under `data.tfds_dir`, keyed by a fingerprint of the world config and the world's code.
+  data.source = "files": `data.train_files` / `data.eval_files` (JSONL, Parquet or text), also
+    built into TFDS (validated while building; errors name file and line). Without eval files,
+    the last `data.eval_records` training records are held out for eval, and logged.
+  data.loader = "memory" skips TFDS and keeps records in memory (quick experiments and tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+from absl import logging
+
+from alignax.data import readers, tfds_builders
+from alignax.data.schemas import DataError
+
+SCHEMAS = {"pretrain": "text", "sft": "sft", "preference": "preference", "prompts": "prompts"}
+
+
+def default_tfds_dir() -> str:
+  return os.environ.get("ALIGNAX_DATA_DIR",
+                        os.path.join(os.path.expanduser("~"), ".cache", "alignax", "tfds"))
+
+
+def world_fingerprint(world_cfg) -> str:
+  """Hash of the world config and the source of the world's modules: code or size changes never
+  reuse a stale build."""
+  import alignax.tasks as tasks
+  h = hashlib.sha256(json.dumps(_jsonable(world_cfg), sort_keys=True).encode())
+  folder = os.path.dirname(tasks.__file__)
+  for name in sorted(os.listdir(folder)):
+    if name.startswith("world") and name.endswith(".py"):
+      with open(os.path.join(folder, name), "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()[:12]
+
+
+def _jsonable(world_cfg) -> Any:
+  import dataclasses
+  return dataclasses.asdict(world_cfg)
+
+
+def _tfds_dir(cfg) -> str:
+  return cfg.data.get("tfds_dir", "") or default_tfds_dir()
+
+
+def _barrier(name: str) -> None:
+  """Process 0 builds datasets; the others wait for it, then read."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def world_splits(cfg) -> dict[str, Any]:
+  """All of the world's splits {name: source} for `cfg.world`."""
+  from alignax.config import world_config
+  from alignax.tasks.world import build_world
+  wcfg = world_config(cfg.world)
+  if cfg.data.get("loader", "tfds") == "memory":
+    return build_world(wcfg).splits()
+  import dataclasses
+
+  def splits_fn(seed):
+    return build_world(dataclasses.replace(wcfg, seed=seed)).splits()
+
+  tag = world_fingerprint(wcfg)
+  data_dir = _tfds_dir(cfg)
+  if jax.process_index() == 0:
+    tfds_builders.build_world_dataset(data_dir, wcfg.seed, splits_fn, tag=tag)
+  _barrier("alignax_world_built")
+  return tfds_builders.world_sources(data_dir, wcfg.seed, splits_fn, tag=tag)
+
+
+def file_splits(cfg, kind: str) -> dict[str, Any]:
+  """{"train", "eval"} sources from `data.train_files` / `data.eval_files`."""
+  schema = SCHEMAS[kind]
+  text_mode = cfg.data.get("text_mode", "lines")
+  bad = cfg.data.bad_records
+  files = {"train": cfg.data.train_files}
+  if cfg.data.eval_files:
+    files["eval"] = cfg.data.eval_files
+  if cfg.data.get("loader", "tfds") == "memory":
+    out = {s: readers.read_records(p, schema, bad_records=bad, text_mode=text_mode) for s, p in files.items()}
+    for s, recs in out.items():
+      _log_counts(s, recs)
+  else:
+    data_dir = _tfds_dir(cfg)
+    if jax.process_index() == 0:
+      tfds_builders.build_files_dataset(data_dir, schema, files, text_mode=text_mode, bad_records=bad)
+    _barrier("alignax_files_built")
+    out = tfds_builders.files_sources(data_dir, schema, files, text_mode=text_mode, bad_records=bad)
+  if "eval" not in out:
+    out = hold_out(out["train"], int(cfg.data.get("eval_records", 0) or 0))
+  return out
+
+
+def _log_counts(split: str, records) -> None:
+  counts = getattr(records, "counts", None)
+  if counts:
+    logging.info("data %s: %s", split, counts)
+
+
+class Slice:
+  """A contiguous view [start, stop) of a random-access source."""
+
+  def __init__(self, source, start: int, stop: int):
+    self.source, self.start, self.stop = source, start, stop
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, i: int):
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    return self.source[self.start + i]
+
+
+def hold_out(source, n: int) -> dict[str, Any]:
+  """The last `n` records as eval (at most half of them), the rest as train; logged."""
+  total = len(source)
+  n = min(n, total // 2)
+  if n <= 0:
+    logging.warning("no eval split: data.eval_files is empty and data.eval_records is 0")
+    return {"train": source, "eval": None}
+  logging.info("holding out the last %d of %d training records for eval (no data.eval_files)", n, total)
+  return {"train": Slice(source, 0, total - n), "eval": Slice(source, total - n, total)}
+
+
+def split_sources(cfg, kind: str) -> dict[str, Any]:
+  """{"train": source, "eval": source or None} of `kind` records for this config."""
+  if kind not in SCHEMAS:
+    raise ValueError(f"unknown record kind {kind!r}")
+  if cfg.data.source == "world":
+    splits = world_splits(cfg)
+    return {"train": splits[f"{kind}_train"], "eval": splits[f"{kind}_eval"]}
+  if cfg.data.source == "files":
+    return file_splits(cfg, kind)
+  raise DataError(f"config.data.source: unknown source {cfg.data.source!r}")
