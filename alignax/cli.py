@@ -65,12 +65,32 @@ def _die(message: str, code: int = 2):
   sys.exit(code)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+  """Exceptions that describe bad input (config, data, mesh, checkpoint): shown as one line."""
+  from alignax.checkpoint import CheckpointError
+  from alignax.config import ConfigError
+  from alignax.data.schemas import DataError
+  from alignax.parallel import ParallelError
+  from alignax.train.loop import HaltError
+  return (ConfigError, DataError, ParallelError, CheckpointError, HaltError)
+
+
+def _guarded(main: Callable) -> Callable:
+  def run(*args):
+    try:
+      return main(*args)
+    except user_errors() as e:
+      _die(str(e), code=1)
+  return run
+
+
 def _run_with_config(prog: str, argv: list[str], main: Callable) -> None:
   from ml_collections import config_flags
   check_overrides(argv)
   config = config_flags.DEFINE_config_file("config", None, "Config file, as path[:preset].",
                                            lock_config=True)
-  app.run(lambda _: main(config.value), argv=[prog] + argv)
+  guarded = _guarded(main)
+  app.run(lambda _: guarded(config.value), argv=[prog] + argv)
 
 
 def cmd_train(prog: str, argv: list[str]) -> None:
@@ -108,7 +128,7 @@ def cmd_sample(prog: str, argv: list[str]) -> None:
   def main(_):
     from alignax.generation.cli import sample_main
     sample_main(flags.FLAGS)
-  app.run(main, argv=[prog] + argv)
+  app.run(_guarded(main), argv=[prog] + argv)
 
 
 def cmd_eval(prog: str, argv: list[str]) -> None:
@@ -121,7 +141,7 @@ def cmd_eval(prog: str, argv: list[str]) -> None:
   def main(_):
     from alignax.evaluation import eval_main
     eval_main(flags.FLAGS)
-  app.run(main, argv=[prog] + argv)
+  app.run(_guarded(main), argv=[prog] + argv)
 
 
 def cmd_data(prog: str, argv: list[str]) -> None:
@@ -149,7 +169,7 @@ def cmd_import_hf(prog: str, argv: list[str]) -> None:
   def main(_):
     from alignax.models.hf import import_hf_main
     import_hf_main(flags.FLAGS)
-  app.run(main, argv=[prog] + argv)
+  app.run(_guarded(main), argv=[prog] + argv)
 
 
 COMMANDS: dict[str, Callable[[str, list[str]], None]] = {

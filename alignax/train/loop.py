@@ -53,6 +53,16 @@ def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict:
   return {(k if "/" in k else f"{prefix}/{k}"): v for k, v in values.items()}
 
 
+def _raise_if_halted(state: TrainState, checkpointer) -> None:
+  halted = int(np.asarray(jax.device_get(state.halted_at)))
+  if halted < 0:
+    return
+  saved = getattr(checkpointer, "last_saved", None)
+  raise HaltError(f"non-finite loss or gradient at step {halted + 1} (train.nonfinite='halt'); "
+                  f"updates stopped there, so the params are those after step {halted}; "
+                  f"the last good checkpoint is step {saved}")
+
+
 def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib.MetricsWriter,
              is_main: bool = True, stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
   """Trains `run` to `run.total_steps`, resuming from `checkpointer` when it holds a step.
@@ -81,6 +91,8 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
   log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
   ckpt_every = int(cfg.checkpoint.every)
 
+  if start == 0 and eval_every and run.evaluate is not None:
+    writer.write(0, _prefixed("eval", run.evaluate(state)))  # the baseline every curve starts from
   progress = metrics_lib.Progress(run.total_steps, start, run.name, enabled=is_main and cfg.train.progress)
   t_last, tokens_since = time.perf_counter(), 0
   step = start
@@ -104,13 +116,11 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
           run.on_log(step, written)
         progress.update(0, loss=written.get("train/loss", float("nan")),
                         tok_s=int(written["train/tokens_per_sec"]))
-        halted = int(np.asarray(jax.device_get(state.halted_at)))
-        if halted >= 0:
-          raise HaltError(f"non-finite loss or gradient at step {halted} (train.nonfinite='halt'); "
-                          f"params are those after step {halted}, the last good step")
+        _raise_if_halted(state, checkpointer)
       if eval_every and step % eval_every == 0 and step < run.total_steps and run.evaluate is not None:
         writer.write(step, _prefixed("eval", run.evaluate(state)))
       if checkpointer is not None and ckpt_every and step % ckpt_every == 0:
+        _raise_if_halted(state, checkpointer)
         checkpointer.maybe_save(step, state, run.batches)
       progress.update(1)
       if stop_requested():
@@ -118,6 +128,7 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
         if checkpointer is not None:
           checkpointer.maybe_save(step, state, run.batches, force=True)
         return state
+    _raise_if_halted(state, checkpointer)
     if run.evaluate is not None and step == run.total_steps:
       writer.write(step, _prefixed("eval", run.evaluate(state)))
     if checkpointer is not None:
