@@ -218,7 +218,7 @@ def test_preference_shares_prompt_and_masks_response_only():
   rec = {"prompt": "hi", "chosen": "good!", "rejected": "no"}
   it = pipeline.preference_pipeline([rec], TOK, batch_size=1, seq_len=16)
   (b,) = list(it)
-  assert set(b) == {"chosen", "rejected", "valid"}
+  assert set(b) == {"chosen", "rejected", "valid", "margin", "gold_label"}
   prompt = [BOS, USER, *_b("hi"), ASSISTANT]
   for side, text in (("chosen", "good!"), ("rejected", "no")):
     x = b[side]
@@ -425,3 +425,32 @@ def test_same_seed_same_order_other_seed_other_order():
                                                          seed=seed)))
   assert run(1) == run(1)
   assert run(1) != run(2)
+
+
+def test_preference_cut_off_responses_margins_and_gold_labels():
+  """A response marked `*_ended: false` gets no <eos>; margins and gold order pass through."""
+  tok = ByteTokenizer()
+  records = [
+      {"prompt": "Q?", "chosen": "yes", "rejected": "no no", "chosen_ended": True,
+       "rejected_ended": False, "margin": 0.5, "chosen_gold": 2.0, "rejected_gold": -1.0},
+      {"prompt": "Q?", "chosen": "a", "rejected": "b", "chosen_gold": -3.0, "rejected_gold": 1.0},
+      {"prompt": "Q?", "chosen": "c", "rejected": "d"},
+  ]
+  b = next(pipeline.preference_pipeline(records, tok, batch_size=4, seq_len=32, shuffle=False))
+  def response(side, row):
+    ids, m = b[side]["tokens"][row], b[side]["loss_mask"][row]
+    return [int(t) for t, k in zip(ids, m) if k > 0]
+  assert response("chosen", 0) == tok.encode("yes") + [tok.eos_id]
+  assert response("rejected", 0) == tok.encode("no no")  # cut off: no <eos>, not a target
+  assert b["rejected"]["response_len"][0] == 5
+  np.testing.assert_array_equal(b["margin"], [0.5, 0.0, 0.0, 0.0])
+  np.testing.assert_array_equal(b["gold_label"], [1.0, 0.0, -1.0, -1.0])  # last row is filler
+  np.testing.assert_array_equal(b["valid"], [1, 1, 1, 0])
+
+
+def test_preference_extra_fields_are_validated():
+  from alignax.data.schemas import DataError, validate
+  with pytest.raises(DataError, match="'chosen_ended' must be a boolean"):
+    validate("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_ended": "yes"})
+  with pytest.raises(DataError, match="'margin' must be finite"):
+    validate("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": float("nan")})

@@ -56,3 +56,61 @@ def init_lm_state(placement: parallel.Placement, model: ModelConfig, optimizer, 
   state = TrainState.create(params, optimizer, jax.random.fold_in(key, 1),
                             extra=extra_fn(params) if extra_fn else None)
   return lm, placement.put_state(state)
+
+
+# --------------------------------------------------------------------------------------------
+# Chaining stages: start from the export of the stage this one builds on.
+
+
+def init_section(workdir: str, config: str) -> "ConfigDict":
+  """`init.*`: the run this stage starts from (its WORKDIR), and the config that makes it
+  (`path:preset`) when it has to be run first."""
+  from alignax.config import ConfigDict
+  return ConfigDict(dict(workdir=workdir, config=config, run_if_missing=True))
+
+
+def ensure_export(init_cfg) -> str:
+  """The workdir of a finished previous stage, running it first when it is missing.
+
+  Raises CheckpointError when it is missing and `init.run_if_missing` is False.
+  """
+  from absl import logging
+
+  from alignax import checkpoint as ckpt_lib
+  workdir = init_cfg.workdir
+  if ckpt_lib.has_export(workdir):
+    return workdir
+  if not init_cfg.run_if_missing or not init_cfg.config:
+    raise ckpt_lib.CheckpointError(f"config.init.workdir: {workdir} has no finished export; run "
+                                   f"that stage first or set config.init.run_if_missing=True")
+  from alignax.algorithms import run_stage
+  from alignax.config import load_config_file
+  path, _, preset = init_cfg.config.partition(":")
+  prev = load_config_file(path, preset or None)
+  prev.workdir = workdir
+  logging.warning("%s has no export: running %s into it first", workdir, init_cfg.config)
+  print(f"alignax: {workdir} is missing; running {init_cfg.config} first", flush=True)
+  result = run_stage(prev)
+  if not result.finished:
+    raise ckpt_lib.CheckpointError(f"the previous stage in {workdir} stopped before finishing")
+  return workdir
+
+
+def adopt_model(cfg, exported: "ModelConfig") -> "ModelConfig":  # noqa: F821
+  """The exported model's shapes with this config's compute choices (dtype, remat, scan_unroll);
+  `cfg.model` is updated so the resolved config shows the model actually trained."""
+  import dataclasses
+  compute = {k: cfg.model[k] for k in ("dtype", "remat", "scan_unroll") if k in cfg.model}
+  model = dataclasses.replace(exported, **compute)
+  with cfg.unlocked():
+    for k, v in dataclasses.asdict(model).items():
+      cfg.model[k] = v
+  return model
+
+
+def eval_section(**overrides) -> "ConfigDict":
+  """`eval.*`: sampling-based evaluation on the world's prompts."""
+  from alignax.config import ConfigDict
+  values = dict(num_prompts=64, temperature=1.0, max_new_tokens=64, batch_size=32, showcase=True)
+  values.update(overrides)
+  return ConfigDict(values)

@@ -257,7 +257,7 @@ def _pad_rows(batch: Batch, n: int, pad_id: int) -> Batch:
     if isinstance(v, dict):
       out[k] = _pad_rows(v, n, pad_id)
       continue
-    fill = pad_id if k == "tokens" else (-1 if k == "index" else 0)
+    fill = pad_id if k == "tokens" else (-1 if k in ("index", "gold_label") else 0)
     out[k] = np.concatenate([v, np.full((n,) + v.shape[1:], fill, v.dtype)])
   return out
 
@@ -329,14 +329,17 @@ def _packed_to_contract(batch: Batch) -> Batch:
 
 
 def _prompt_and_response(tok: Tokenizer, prompt: list, response: list, seq_len: int,
-                         max_prompt_len: int | None):
+                         max_prompt_len: int | None, ended: bool = True):
   """(ids [<= T] int32, loss mask [<= T] float32, prompt length, full length) of prompt +
   response, cut to `seq_len`; the mask is on the response's assistant text and eos only.
+  `ended=False` drops the final `<eos>` (a response that was cut off before ending).
   Returns a skip marker instead when the prompt leaves no room for a response token."""
   # The prompt as a generator would see it: the conversation so far plus the role marker that
   # opens the response (what `chat.encode_prompt` gives for a single-turn response).
   n_prompt = len(chat.encode_chat(tok, prompt)[0]) + 1
   ids, mask = chat.encode_chat(tok, prompt + response)
+  if not ended:
+    ids, mask = ids[:-1], mask[:-1]
   mask = np.asarray(mask, np.float32)
   mask[:n_prompt] = 0.0  # assistant turns inside a multi-turn prompt are context, not targets
   too_long_prompt = max_prompt_len is not None and n_prompt > max_prompt_len
@@ -592,17 +595,22 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
   T, or is longer than `max_prompt_len` if given). A response that does not
   fit is cut at T (counted once per pair in truncated/truncated_tokens).
 
+  Optional record fields (see schemas.PREFERENCE_FLAGS / PREFERENCE_NUMBERS):
+  chosen_ended / rejected_ended = false leave that response without its `<eos>`; margin is
+  passed through; chosen_gold / rejected_gold become `gold_label`.
+
   Returns:
-    DataIterator of {"chosen": {...}, "rejected": {...}, "valid": [B] float32}, each side
-    {"tokens", "positions", "segment_ids" [B, T] int32, "loss_mask" [B, T] float32,
-    "response_len" [B] int32 (loss tokens in the row)}. valid is 0 on filler rows.
+    DataIterator of {"chosen": {...}, "rejected": {...}, "valid", "margin", "gold_label":
+    [B] float32}, each side {"tokens", "positions", "segment_ids" [B, T] int32, "loss_mask"
+    [B, T] float32, "response_len" [B] int32 (loss tokens in the row)}. valid is 0 on filler
+    rows; gold_label is 1 (gold prefers chosen), 0 (gold prefers rejected) or -1 (unknown).
   """
   _check_common(batch_size=batch_size, seq_len=seq_len, shard_index=shard_index,
                 shard_count=shard_count, num_epochs=num_epochs, seed=seed,
                 bad_records=bad_records)
 
-  def side(prompt, response):
-    out = _prompt_and_response(tok, prompt, response, seq_len, max_prompt_len)
+  def side(prompt, response, ended=True):
+    out = _prompt_and_response(tok, prompt, response, seq_len, max_prompt_len, ended=ended)
     if isinstance(out, dict):
       return out, 0, 0
     ids, mask, _, n_full = out
@@ -612,13 +620,14 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
     return row, int(lost > 0), lost
 
   def encode(rec: dict) -> Example:
-    chosen, t1, lost1 = side(rec["prompt"], rec["chosen"])
+    chosen, t1, lost1 = side(rec["prompt"], rec["chosen"], rec.get("chosen_ended", True))
     if "_skip" in chosen:
       return chosen
-    rejected, t2, lost2 = side(rec["prompt"], rec["rejected"])
+    rejected, t2, lost2 = side(rec["prompt"], rec["rejected"], rec.get("rejected_ended", True))
     if "_skip" in rejected:
       return rejected
-    ex = {"chosen": chosen, "rejected": rejected, "valid": np.float32(1.0)}
+    ex = {"chosen": chosen, "rejected": rejected, "valid": np.float32(1.0),
+          "margin": np.float32(rec.get("margin", 0.0)), "gold_label": _gold_label(rec)}
     if t1 or t2:
       ex["_counts"] = {"truncated": 1, "truncated_tokens": lost1 + lost2}
     return ex
@@ -633,6 +642,14 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
                            max_prompt_len=max_prompt_len, bad_records=bad_records, seed=seed,
                            num_epochs=num_epochs, shard_index=shard_index,
                            shard_count=shard_count))
+
+
+def _gold_label(rec: dict) -> np.float32:
+  """1 when the gold scores rank chosen above rejected, 0 below, -1 when unknown or tied."""
+  if "chosen_gold" not in rec or "rejected_gold" not in rec:
+    return np.float32(-1.0)
+  diff = rec["chosen_gold"] - rec["rejected_gold"]
+  return np.float32(1.0 if diff > 0 else 0.0 if diff < 0 else -1.0)
 
 
 def _rows_as_is(ds: grain.IterDataset) -> grain.IterDataset:

@@ -187,7 +187,38 @@ def validate_preference(record: Any) -> dict[str, Any]:
         raise DataError(f"field {key!r} must end with an assistant message")
   _check_conversation(prompt + chosen, "prompt + chosen")
   _check_conversation(prompt + rejected, "prompt + rejected")
-  return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_meta(record)}
+  out = {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_meta(record)}
+  out.update(_preference_extras(record))
+  return out
+
+
+# Optional per-pair fields a preference record may carry:
+#   chosen_ended / rejected_ended (bool, default true): false when that response was cut off
+#     before <eos> (a sampler hit its length limit), so no <eos> is appended to it;
+#   margin (number, default 0): the Bradley-Terry margin of this pair;
+#   chosen_gold / rejected_gold (number): gold scores, when known, to measure accuracy.
+PREFERENCE_FLAGS = ("chosen_ended", "rejected_ended")
+PREFERENCE_NUMBERS = ("margin", "chosen_gold", "rejected_gold")
+
+
+def _preference_extras(record: Mapping[str, Any]) -> dict[str, Any]:
+  out = {}
+  for key in PREFERENCE_FLAGS:
+    if record.get(key) is not None:
+      value = record[key]
+      if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise DataError(f"field {key!r} must be a boolean, got {value!r}")
+      out[key] = bool(value)
+  for key in PREFERENCE_NUMBERS:
+    if record.get(key) is not None:
+      value = record[key]
+      if isinstance(value, bool) or not isinstance(value, (int, float)) and \
+          type(value).__name__ not in ("float32", "float64", "int32", "int64"):
+        raise DataError(f"field {key!r} must be a number, got {value!r}")
+      if value != value or abs(float(value)) == float("inf"):
+        raise DataError(f"field {key!r} must be finite, got {value!r}")
+      out[key] = float(value)
+  return out
 
 
 def _as_label(value: Any) -> bool:

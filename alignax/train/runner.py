@@ -34,6 +34,7 @@ class StageContext:
   tokenizer: Tokenizer
   writer: metrics_lib.MetricsWriter
   is_main: bool
+  stage_data: dict = dataclasses.field(default_factory=dict)  # what build_run leaves for export
 
 
 @dataclasses.dataclass

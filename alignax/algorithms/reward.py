@@ -1,0 +1,246 @@
+"""Stage 3, Bradley-Terry reward modeling: which of two responses do people prefer?
+
+The model is the SFT backbone plus a scalar head (`alignax.models.heads`) read at the last real
+token of prompt + response. Chosen and rejected go through the model in one [2B, T] pass; the
+loss is `bradley_terry_loss` (optional per-pair margin, optional centering term).
+
+After training (`reward.normalize`, on by default) the head is rescaled so that the rewards of
+SFT samples on the train prompts have mean 0 and std 1; gain and bias are folded into the head
+and recorded in the export. Eval: held-out preference accuracy (against the dataset's labels,
+and against the gold order when the records carry gold scores), and on the world task the
+agreement with the gold labeler on pairs of fresh SFT samples (`eval/gold_agreement`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from alignax import checkpoint as ckpt_lib
+from alignax import evaluation, parallel
+from alignax.algorithms.common import (adopt_model, ensure_export, process_batch_size, shard_args,
+                                       take_batches)
+from alignax.algorithms.world_eval import eval_prompt_records
+from alignax.config import ConfigDict, ConfigError
+from alignax.data import pipeline, sources
+from alignax.generation import Sampler, SamplingConfig
+from alignax.generation.scoring import join_prompt_response
+from alignax.losses.preference import bradley_terry_loss
+from alignax.models import abstract_lm
+from alignax.models.heads import abstract_scalar_model, build_scalar_model, last_token
+from alignax.train.loop import Run
+from alignax.train.optimizer import make_optimizer
+from alignax.train.runner import StageContext, run_training
+from alignax.train.state import TrainState
+from alignax.train.step import make_train_step
+
+
+def pair_rewards(model, params, batch):
+  """Rewards (r_chosen [B], r_rejected [B]) of a preference batch, in one [2B, T] forward."""
+  c, r = batch["chosen"], batch["rejected"]
+  cat = lambda k: jnp.concatenate([c[k], r[k]], axis=0)
+  segments = cat("segment_ids")
+  values = model.values(params, cat("tokens"), cat("positions"), segments)
+  rewards = last_token(values, segments)
+  b = c["tokens"].shape[0]
+  return rewards[:b], rewards[b:]
+
+
+def reward_loss(model, center_coef: float, use_margin: bool):
+  def loss_fn(params, batch, rng, extra):
+    rc, rr = pair_rewards(model, params, batch)
+    return bradley_terry_loss(rc, rr, margin=batch["margin"] if use_margin else None,
+                              center_coef=center_coef, weights=batch["valid"])
+  return loss_fn
+
+
+def rollout_rewards(model, params, prompt_tokens, prompt_mask, response_tokens, response_mask):
+  """Rewards [B] of sampled responses (left-padded prompts, right-padded responses)."""
+  tokens, positions, segments = join_prompt_response(prompt_tokens, prompt_mask, response_tokens,
+                                                     response_mask)
+  return last_token(model.values(params, tokens, positions, segments), segments)
+
+
+def validate(cfg: ConfigDict) -> None:
+  if cfg.reward.center_coef < 0:
+    raise ConfigError(f"config.reward.center_coef: must be >= 0, got {cfg.reward.center_coef}")
+
+
+class RewardEval:
+  """Held-out accuracy (dataset labels and gold order) and gold agreement on SFT samples."""
+
+  def __init__(self, ctx: StageContext, model, eval_batches, sft):
+    self.ctx, self.model, self.eval_batches, self.sft = ctx, model, eval_batches, sft
+    self._pairs = None
+    self._fn = None
+
+  def _pair_fn(self, params):
+    if self._fn is None:
+      def fn(p, batch):
+        rc, rr = pair_rewards(self.model, p, batch)
+        return rc, rr
+      self._fn = parallel.jit_eval(self.ctx.placement, fn, params)
+    return self._fn
+
+  def accuracy(self, params) -> dict[str, float]:
+    fn = self._pair_fn(params)
+    correct = gold_correct = n = n_gold = 0.0
+    for batch in self.eval_batches:
+      rc, rr = jax.device_get(fn(params, self.ctx.placement.put_batch(batch)))
+      valid, gold = batch["valid"] > 0, batch["gold_label"]
+      win = rc > rr
+      correct += float(np.sum(win & valid))
+      n += float(np.sum(valid))
+      known = valid & (gold >= 0)
+      gold_correct += float(np.sum((win == (gold > 0)) & known))
+      n_gold += float(np.sum(known))
+    out = {"accuracy": correct / max(n, 1.0)}
+    if n_gold:
+      out["gold_accuracy"] = gold_correct / n_gold
+    return out
+
+  def sft_pairs(self):
+    """Two fresh SFT samples per eval prompt (drawn once, reused at every eval)."""
+    if self._pairs is None:
+      lm, params, records = self.sft
+      sampler = Sampler(lm, self.ctx.tokenizer, SamplingConfig(
+          temperature=1.0, max_new_tokens=int(self.ctx.cfg.eval.max_new_tokens)))
+      prompts = [r["prompt"] for r in records]
+      bs = int(self.ctx.cfg.eval.batch_size)
+      key = jax.random.key(int(self.ctx.cfg.seed) + 3)
+      a = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, 0), batch_size=bs)
+      b = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, 1), batch_size=bs)
+      gold_a = evaluation.gold_scores(prompts, a.texts, a.ended)
+      gold_b = evaluation.gold_scores(prompts, b.texts, b.ended)
+      self._pairs = (a, b, gold_a, gold_b)
+    return self._pairs
+
+  def gold_agreement(self, params) -> dict[str, float]:
+    a, b, gold_a, gold_b = self.sft_pairs()
+    ra = score_samples(self.model, params, a, int(self.ctx.cfg.eval.batch_size))
+    rb = score_samples(self.model, params, b, int(self.ctx.cfg.eval.batch_size))
+    differ = gold_a != gold_b
+    agree = (ra > rb) == (gold_a > gold_b)
+    return {"gold_agreement": float(np.mean(agree[differ])) if differ.any() else float("nan"),
+            "gold_pairs": float(differ.sum())}
+
+  def __call__(self, state: TrainState) -> dict[str, float]:
+    out = self.accuracy(state.params) if self.eval_batches else {}
+    if self.sft is not None:
+      out.update(self.gold_agreement(state.params))
+    return out
+
+
+def score_samples(model, params, samples: evaluation.Samples, batch_size: int) -> np.ndarray:
+  """Rewards [n] of sampled responses, in fixed-size batches."""
+  fn = jax.jit(lambda p, a, b, c, d: rollout_rewards(model, p, a, b, c, d))
+  out = []
+  n = len(samples.texts)
+  for start in range(0, n, batch_size):
+    rows = list(range(start, min(start + batch_size, n)))
+    idx = rows + [rows[0]] * (batch_size - len(rows))
+    r = fn(params, samples.prompt_tokens[idx], samples.prompt_mask[idx], samples.tokens[idx],
+           samples.mask[idx])
+    out.append(np.asarray(jax.device_get(r))[: len(rows)])
+  return np.concatenate(out)
+
+
+def load_sft(ctx: StageContext, workdir: str):
+  """(lm, params) of the SFT export, on the mesh."""
+  lm, abstract = abstract_lm(ctx.model)
+  params, _ = ckpt_lib.load_export(workdir, abstract, ctx.placement.state_sharding(abstract))
+  return lm, params
+
+
+def build_run(ctx: StageContext) -> Run:
+  cfg = ctx.cfg
+  splits = sources.split_sources(cfg, "preference")
+  batch = process_batch_size(int(cfg.train.batch_size))
+  common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), bad_records=cfg.data.bad_records,
+                **shard_args())
+  train_iter = pipeline.preference_pipeline(splits["train"], ctx.tokenizer, seed=int(cfg.seed),
+                                            num_epochs=None, **common)
+  eval_batches = []
+  if splits["eval"] is not None and int(cfg.train.eval_batches) > 0:
+    eval_iter = pipeline.preference_pipeline(splits["eval"], ctx.tokenizer, shuffle=False, num_epochs=1,
+                                             **common)
+    eval_batches = take_batches(eval_iter, int(cfg.train.eval_batches))
+
+  sft_lm, sft_params = load_sft(ctx, cfg.init.workdir)
+  optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps))
+  model, _ = abstract_scalar_model(ctx.model)
+  key = jax.random.key(int(cfg.seed))
+
+  def init():
+    _, params = build_scalar_model(ctx.model, jax.random.fold_in(key, 0), backbone=sft_params)
+    return TrainState.create(params, optimizer, jax.random.fold_in(key, 1))
+
+  state = parallel.init_sharded(ctx.placement, init)
+  step = make_train_step(reward_loss(model, float(cfg.reward.center_coef), bool(cfg.reward.use_margin)),
+                         optimizer, accum_steps=int(cfg.train.accum_steps),
+                         nonfinite_policy=cfg.train.nonfinite)
+  sft = None
+  if cfg.data.source == "world" and int(cfg.eval.num_prompts) > 0:
+    sft = (sft_lm, sft_params, eval_prompt_records(cfg))
+  ctx.stage_data.update(model=model, sft_lm=sft_lm, sft_params=sft_params)
+  return Run(name="reward", state=state, train_step=step, batches=train_iter,
+             evaluate=RewardEval(ctx, model, eval_batches, sft), tokens_per_batch=_pair_tokens,
+             total_steps=int(cfg.train.steps))
+
+
+def _pair_tokens(batch) -> int:
+  n = int(np.count_nonzero(batch["chosen"]["segment_ids"]) + np.count_nonzero(batch["rejected"]["segment_ids"]))
+  return n * jax.process_count()
+
+
+def normalization(ctx: StageContext, params) -> dict[str, float]:
+  """Gain and bias making the rewards of SFT samples on train prompts mean 0, std 1."""
+  cfg = ctx.cfg
+  model, sft_lm, sft_params = (ctx.stage_data[k] for k in ("model", "sft_lm", "sft_params"))
+  records = sources.split_sources(cfg, "prompts")["train"]
+  n = min(int(cfg.reward.normalize_prompts), len(records))
+  order = np.random.default_rng(int(cfg.seed) + 5).permutation(len(records))[:n]
+  prompts = [records[int(i)]["prompt"] for i in order]
+  sampler = Sampler(sft_lm, ctx.tokenizer, SamplingConfig(temperature=1.0,
+                                                          max_new_tokens=int(cfg.eval.max_new_tokens)))
+  samples = evaluation.sample_prompts(sampler, sft_params, prompts, jax.random.key(int(cfg.seed) + 7),
+                                      batch_size=int(cfg.eval.batch_size))
+  raw = score_samples(model, params, samples, int(cfg.eval.batch_size))
+  mean, std = float(raw.mean()), float(raw.std())
+  gain = 1.0 / max(std, 1e-6)
+  logging.info("reward normalization over %d SFT samples: raw mean %.4f, std %.4f", n, mean, std)
+  return {"norm_gain": gain, "norm_bias": -mean * gain, "raw_mean": mean, "raw_std": std,
+          "norm_samples": n}
+
+
+def export(ctx: StageContext, state) -> None:
+  params = state.params
+  extra = {"norm_gain": 1.0, "norm_bias": 0.0}
+  if ctx.cfg.reward.normalize:
+    if ctx.cfg.data.source != "world":
+      logging.warning("reward.normalize needs the world's train prompts; skipped for data.source=files")
+    else:
+      extra = normalization(ctx, params)
+      params = jax.tree.map(lambda x: x, params)
+      params["head_w"] = params["head_w"].replace(params["head_w"][...] * extra["norm_gain"])
+      params["head_b"] = params["head_b"].replace(params["head_b"][...] * extra["norm_gain"]
+                                                  + extra["norm_bias"])
+  ckpt_lib.save_export(ctx.cfg.workdir, params, model=ctx.model, stage="reward",
+                       tokenizer=ctx.cfg.tokenizer, extra=extra)
+
+
+def load_reward_model(workdir: str, placement=None):
+  """(model, params, meta) of a reward-model export (normalization already folded in)."""
+  cfg = ckpt_lib.export_model_config(workdir)
+  model, abstract = abstract_scalar_model(cfg)
+  shardings = placement.state_sharding(abstract) if placement is not None else None
+  params, meta = ckpt_lib.load_export(workdir, abstract, shardings)
+  return model, params, meta
+
+
+def train(cfg: ConfigDict):
+  init_dir = ensure_export(cfg.init)
+  model = adopt_model(cfg, ckpt_lib.export_model_config(init_dir))
+  return run_training(cfg, build_run, export, validate=validate, model_config=model)

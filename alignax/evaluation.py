@@ -1,0 +1,153 @@
+"""Evaluation on the alignment world: sample, score with the gold labeler, summarize.
+
+  samples = sample_prompts(sampler, params, prompts, key, fmt="chat")
+  metrics = world_metrics(records, samples)        # gold_reward, accuracy, refusal_rate, ...
+  kl = sequence_kl(samples, reference_logprobs)    # nats per sequence
+
+Prompt formats: "chat" wraps the prompt in the chat template (every assistant model); "raw" feeds
+`<bos>prompt\\n` (a base model, which never saw role markers, reads a question as text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from alignax.data.chat import encode_prompt
+from alignax.generation.sampler import Sampler
+from alignax.generation.scoring import response_logprobs
+from alignax.tasks import world_gold
+
+FORMATS = ("chat", "raw")
+
+
+@dataclasses.dataclass
+class Samples:
+  """Responses to a list of prompts, with the token arrays a KL estimate needs.
+
+  texts[i], ended[i]: the response to prompt i and whether it ended with <eos>.
+  prompt_tokens/prompt_mask [n, P], tokens/mask/logprobs [n, N]: the sampler's arrays (the
+  logprobs are those of the sampling distribution).
+  """
+
+  prompts: list
+  texts: list[str]
+  ended: np.ndarray
+  prompt_tokens: np.ndarray
+  prompt_mask: np.ndarray
+  tokens: np.ndarray
+  mask: np.ndarray
+  logprobs: np.ndarray
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return self.mask.sum(axis=1)
+
+
+def prompt_ids(tok, prompt, fmt: str = "chat") -> list[int]:
+  if fmt == "chat":
+    return encode_prompt(tok, prompt)
+  if fmt == "raw":
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    return [tok.bos_id] + tok.encode(text + "\n")
+  raise ValueError(f"prompt format must be one of {FORMATS}, got {fmt!r}")
+
+
+def sample_prompts(sampler: Sampler, params, prompts: Sequence, key: jax.Array, *, fmt: str = "chat",
+                   batch_size: int = 32) -> Samples:
+  """Samples one response per prompt, in fixed-size batches (the last one padded by repeating
+  prompts, whose outputs are dropped), so one compile serves any number of prompts."""
+  ids = [prompt_ids(sampler.tokenizer, p, fmt) for p in prompts]
+  # One bucket for the whole set, so every batch has the same shape.
+  p_tokens, p_mask = sampler.pad_prompts(ids)
+  parts = []
+  for start in range(0, len(ids), batch_size):
+    rows = list(range(start, min(start + batch_size, len(ids))))
+    idx = rows + [rows[0]] * (batch_size - len(rows))
+    out = sampler.generate_padded(params, p_tokens[idx], p_mask[idx], jax.random.fold_in(key, start))
+    out = jax.device_get(out)
+    parts.append({k: v[: len(rows)] for k, v in out.items()})
+  out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return Samples(prompts=list(prompts), texts=sampler.decode(out), ended=out["ended"].astype(bool),
+                 prompt_tokens=p_tokens, prompt_mask=p_mask, tokens=out["tokens"],
+                 mask=out["mask"], logprobs=out["logprobs"])
+
+
+def gold_scores(prompts: Sequence, texts: Sequence[str], ended: Sequence[bool]) -> np.ndarray:
+  """Gold-labeler scores [n] of (prompt, response) pairs."""
+  flat = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+  return np.asarray([world_gold.gold_score(p, t, bool(e)) for p, t, e in zip(flat, texts, ended)])
+
+
+def world_metrics(records: Sequence[dict], samples: Samples) -> dict[str, float]:
+  """World metrics of responses to prompt records ({"prompt", "kind", ...}).
+
+  gold_reward: mean gold score; accuracy: fraction of fact prompts answered correctly;
+  quiz_continuation_rate: fraction of fact prompts answered with another question;
+  refusal_rate / compliance_rate: over harmful prompts; eos_rate; mean_length (tokens).
+  """
+  prompts = [r["prompt"] for r in records]
+  gold = gold_scores(prompts, samples.texts, samples.ended)
+  facts = [i for i, r in enumerate(records) if r.get("kind") == "fact"]
+  harmful = [i for i, r in enumerate(records) if r.get("kind") == "harmful"]
+  texts = samples.texts
+
+  def rate(idx, fn):
+    return float(np.mean([fn(i) for i in idx])) if idx else float("nan")
+
+  out = {
+      "gold_reward": float(gold.mean()),
+      "accuracy": rate(facts, lambda i: world_gold.is_correct(prompts[i], texts[i])),
+      "quiz_continuation_rate": rate(facts, lambda i: world_gold.is_quiz_continuation(texts[i])),
+      "refusal_rate": rate(harmful, lambda i: world_gold.is_refusal(texts[i])),
+      "compliance_rate": rate(harmful, lambda i: world_gold.is_compliance(texts[i])),
+      "eos_rate": float(np.mean(samples.ended)),
+      "mean_length": float(np.mean(samples.lengths)),
+  }
+  heldout = [i for i in facts if records[i].get("heldout")]
+  if heldout:
+    out["heldout_accuracy"] = rate(heldout, lambda i: world_gold.is_correct(prompts[i], texts[i]))
+  return out
+
+
+def win_rate(gold_a: np.ndarray, gold_b: np.ndarray) -> float:
+  """P(a beats b) under the gold labeler, ties counting one half."""
+  gold_a, gold_b = np.asarray(gold_a), np.asarray(gold_b)
+  return float(np.mean((gold_a > gold_b) + 0.5 * (gold_a == gold_b)))
+
+
+def reference_logprobs(lm, params, samples: Samples, batch_size: int = 32) -> np.ndarray:
+  """[n, N] logprobs of the sampled response tokens under another model (e.g. the reference)."""
+  fn = jax.jit(lambda p, a, b, c, d: response_logprobs(lm, p, a, b, c, d))
+  parts = []
+  n = len(samples.texts)
+  for start in range(0, n, batch_size):
+    rows = list(range(start, min(start + batch_size, n)))
+    idx = rows + [rows[0]] * (batch_size - len(rows))
+    lp = fn(params, samples.prompt_tokens[idx], samples.prompt_mask[idx], samples.tokens[idx],
+            samples.mask[idx])
+    parts.append(np.asarray(jax.device_get(lp))[: len(rows)])
+  return np.concatenate(parts)
+
+
+def sequence_kl(samples: Samples, ref_logprobs: np.ndarray) -> float:
+  """KL(pi || ref) per sequence in nats, by the unbiased k1 estimate over samples from pi:
+  mean_i sum_t [log pi(y_t) - log ref(y_t)]. Needs samples drawn at temperature 1 without
+  top-k/top-p, so that `samples.logprobs` are the policy's own."""
+  return float(np.mean(np.sum((samples.logprobs - ref_logprobs) * samples.mask, axis=1)))
+
+
+def sample_table(prompts: Sequence, columns: dict[str, Sequence[str]], width: int = 90) -> str:
+  """A markdown table: one row per prompt, one column per model."""
+  def cell(text):
+    text = text.replace("|", "\\|").replace("\n", " ⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+  names = list(columns)
+  lines = ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+  for i, p in enumerate(prompts):
+    prompt = p if isinstance(p, str) else p[-1]["content"]
+    lines.append(f"| {cell(prompt)} | " + " | ".join(cell(columns[n][i]) for n in names) + " |")
+  return "\n".join(lines)

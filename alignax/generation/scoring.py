@@ -1,0 +1,43 @@
+"""Scoring sampled responses with a training-style forward: prompt + response in one sequence.
+
+A rollout keeps the prompt left-padded ([B, P]) and the response right-padded ([B, N]); joined,
+every row is `[pad..., prompt, response, pad...]` with segment id 1 on real tokens. Response
+token j sits at column P + j and is predicted from column P + j - 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from alignax.generation.sampler import prompt_layout
+from alignax.losses.lm import next_token_logprobs
+
+Array = jax.Array
+
+
+def join_prompt_response(prompt_tokens: Array, prompt_mask: Array, response_tokens: Array,
+                         response_mask: Array):
+  """(tokens, positions, segment_ids) [B, P + N] of left-padded prompts followed by responses."""
+  prompt_pos, prompt_seg = prompt_layout(prompt_mask)
+  prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1, keepdims=True)
+  n = response_tokens.shape[1]
+  response_pos = prompt_len + jnp.arange(n)[None, :]
+  response_seg = (response_mask > 0).astype(jnp.int32)
+  tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
+  positions = jnp.concatenate([prompt_pos, response_pos * response_seg], axis=1)
+  segments = jnp.concatenate([prompt_seg, response_seg], axis=1)
+  return tokens, positions, segments
+
+
+def response_logprobs(lm, params, prompt_tokens, prompt_mask, response_tokens, response_mask,
+                      temperature: float = 1.0) -> Array:
+  """log pi(response_j | prompt, response_<j) for each response token: [B, N] float32 nats,
+  0 where response_mask is 0. `temperature` divides the logits (as the sampler does)."""
+  tokens, positions, segments = join_prompt_response(prompt_tokens, prompt_mask, response_tokens,
+                                                     response_mask)
+  logits, _ = lm.apply(params, tokens, positions, segments)
+  if temperature != 1.0:
+    logits = logits / temperature
+  lp = next_token_logprobs(logits, tokens)[:, prompt_tokens.shape[1]:]
+  return lp * response_mask

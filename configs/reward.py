@@ -1,0 +1,44 @@
+"""Bradley-Terry reward model on preference pairs, from an SFT export.
+
+  alignax train --config=configs/reward.py:tiny --config.workdir=runs/reward
+  alignax train --config=configs/reward.py:tiny --config.data.source=files \
+      --config.data.train_files=prefs.jsonl --config.init.workdir=runs/my_sft
+
+`init.workdir` names the SFT run (run first from `init.config` when missing). Preference records
+are {"prompt", "chosen", "rejected"} (or the conversational form), optionally with "margin".
+"""
+
+from alignax.algorithms.common import eval_section, init_section
+from alignax.config import ConfigDict, base_config, world_section
+
+
+def get_config(preset: str | None = None):
+  preset = preset or "tiny"
+  c = base_config("reward", preset)
+  c.world = world_section()
+  c.init = init_section(workdir=f"runs/sft_{preset}", config=f"configs/sft.py:{preset}")
+  c.reward = ConfigDict(dict(
+      center_coef=0.0,  # coefficient of mean((r_chosen + r_rejected)^2); 0 = off
+      use_margin=False,  # subtract each record's "margin" inside the sigmoid
+      normalize=True,  # after training: rewards of SFT samples on train prompts -> mean 0, std 1
+      normalize_prompts=256,  # train prompts sampled for the normalization
+  ))
+  c.eval = eval_section()
+  c.optimizer.weight_decay = 0.0
+  if preset == "tiny":
+    c.data.seq_len = 128
+    c.train.steps = 150
+    c.train.batch_size = 16
+    c.train.eval_every = 50
+    c.optimizer.lr = 3e-4
+    c.optimizer.warmup_steps = 10
+  elif preset == "standard":
+    c.data.seq_len = 128
+    c.train.batch_size = 8
+    c.train.steps = 500
+    c.optimizer.lr = 1e-5
+    c.optimizer.schedule = "constant"
+    c.optimizer.warmup_steps = 0
+  else:
+    raise ValueError(f"unknown preset {preset!r}; presets: tiny, standard")
+  return c
