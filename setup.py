@@ -22,12 +22,19 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2.0",
 ]
 
+# Hugging Face checkpoint import/export and tokenizer.json (install torch's CPU build for the tests).
+HF_REQUIRES = [
+    "safetensors>=0.4",
+    "tokenizers>=0.19",
+]
+
 TEST_REQUIRES = [
     "pytest>=8.0",
     "nbformat>=5.10",
     "nbclient>=0.10",
     "ipykernel>=6.29",
-]
+    "transformers>=4.45",
+] + HF_REQUIRES
 
 setup(
     name="alignax",
@@ -39,6 +46,6 @@ setup(
     packages=find_packages(include=["alignax", "alignax.*"]),
     package_data={"alignax": ["py.typed"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"hf": HF_REQUIRES, "test": TEST_REQUIRES},
     entry_points={"console_scripts": ["alignax=alignax.cli:main"]},
 )

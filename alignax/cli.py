@@ -164,7 +164,9 @@ def cmd_import_hf(prog: str, argv: list[str]) -> None:
   flags.DEFINE_string("src", None, "Hugging Face checkpoint directory (config.json + safetensors).",
                       required=True)
   flags.DEFINE_string("dst", None, "alignax run directory to create.", required=True)
-  flags.DEFINE_string("dtype", "float32", "Parameter dtype to store.")
+  flags.DEFINE_string("dtype", "float32", "Parameter dtype to store (or 'auto': the checkpoint's).")
+  flags.DEFINE_integer("max_seq_len", None, "Longest sequence to support (default: the checkpoint's); "
+                       "needed for sliding-window models, whose window must cover it.")
 
   def main(_):
     from alignax.models.hf import import_hf_main

@@ -38,7 +38,9 @@ def base_config(stage: str, preset: str = "tiny") -> ConfigDict:
   c.preset = preset
   c.workdir = os.path.join("runs", f"{stage}_{preset}")
   c.seed = 0
-  c.tokenizer = "bytes"  # "bytes" or a SentencePiece "*.model" file
+  # "bytes", "world_bpe:<pieces>" (a BPE trained on the world), a SentencePiece "*.model", or a
+  # Hugging Face "tokenizer.json". Stages that start from an export use the export's tokenizer.
+  c.tokenizer = "bytes"
 
   c.model = model_section()
 

@@ -218,7 +218,7 @@ def test_preference_shares_prompt_and_masks_response_only():
   rec = {"prompt": "hi", "chosen": "good!", "rejected": "no"}
   it = pipeline.preference_pipeline([rec], TOK, batch_size=1, seq_len=16)
   (b,) = list(it)
-  assert set(b) == {"chosen", "rejected", "valid", "margin", "gold_label"}
+  assert set(b) == {"chosen", "rejected", "valid", "margin", "gold_label", "index"}
   prompt = [BOS, USER, *_b("hi"), ASSISTANT]
   for side, text in (("chosen", "good!"), ("rejected", "no")):
     x = b[side]

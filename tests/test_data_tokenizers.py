@@ -41,7 +41,7 @@ def test_sentencepiece_protocol(sp_model):
 
 def test_make_tokenizer_errors(tmp_path):
   assert isinstance(make_tokenizer("bytes"), ByteTokenizer)
-  with pytest.raises(DataError, match="not implemented yet"):
+  with pytest.raises(DataError, match="tokenizer file not found"):
     make_tokenizer(str(tmp_path / "tokenizer.json"))
   with pytest.raises(DataError, match="model file not found"):
     make_tokenizer(str(tmp_path / "missing.model"))

@@ -96,6 +96,24 @@ def ensure_export(init_cfg) -> str:
   return workdir
 
 
+def adopt_export(cfg, workdir: str) -> "ModelConfig":  # noqa: F821
+  """Takes the model and tokenizer of the export this stage starts from (see `adopt_model`).
+
+  The tokenizer must be the one the model was trained with, so the export's wins; a config that
+  named another one is told so in the log.
+  """
+  from absl import logging
+
+  from alignax import checkpoint as ckpt_lib
+  meta = ckpt_lib.read_export_meta(workdir)
+  if meta["tokenizer"] != cfg.tokenizer:
+    logging.warning("using the tokenizer of %s (%s) instead of config.tokenizer=%s", workdir,
+                    meta["tokenizer"], cfg.tokenizer)
+    with cfg.unlocked():
+      cfg.tokenizer = meta["tokenizer"]
+  return adopt_model(cfg, ckpt_lib.export_model_config(workdir))
+
+
 def adopt_model(cfg, exported: "ModelConfig") -> "ModelConfig":  # noqa: F821
   """The exported model's shapes with this config's compute choices (dtype, remat, scan_unroll);
   `cfg.model` is updated so the resolved config shows the model actually trained."""

@@ -20,7 +20,7 @@ from absl import logging
 
 from alignax import checkpoint as ckpt_lib
 from alignax import evaluation, parallel
-from alignax.algorithms.common import (adopt_model, ensure_export, process_batch_size, shard_args,
+from alignax.algorithms.common import (adopt_export, ensure_export, process_batch_size, shard_args,
                                        take_batches)
 from alignax.algorithms.world_eval import eval_prompt_records
 from alignax.config import ConfigDict, ConfigError
@@ -242,5 +242,5 @@ def load_reward_model(workdir: str, placement=None):
 
 def train(cfg: ConfigDict):
   init_dir = ensure_export(cfg.init)
-  model = adopt_model(cfg, ckpt_lib.export_model_config(init_dir))
+  model = adopt_export(cfg, init_dir)
   return run_training(cfg, build_run, export, validate=validate, model_config=model)

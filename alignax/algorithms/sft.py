@@ -13,7 +13,7 @@ scored by the gold labeler plus a greedy table of showcase prompts (`WORKDIR/sam
 from __future__ import annotations
 
 from alignax import checkpoint as ckpt_lib
-from alignax.algorithms.common import (adopt_model, ensure_export, init_lm_state, process_batch_size,
+from alignax.algorithms.common import (adopt_export, ensure_export, init_lm_state, process_batch_size,
                                        shard_args, take_batches, tokens_in)
 from alignax.algorithms.pretrain import lm_loss, make_lm_evaluate
 from alignax.algorithms.world_eval import WorldEvaluator
@@ -79,5 +79,5 @@ def export(ctx: StageContext, state) -> None:
 
 def train(cfg: ConfigDict):
   init_dir = ensure_export(cfg.init)
-  model = adopt_model(cfg, ckpt_lib.export_model_config(init_dir))
+  model = adopt_export(cfg, init_dir)
   return run_training(cfg, build_run, export, validate=validate, model_config=model)

@@ -601,7 +601,7 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
 
   Returns:
     DataIterator of {"chosen": {...}, "rejected": {...}, "valid", "margin", "gold_label":
-    [B] float32}, each side {"tokens", "positions", "segment_ids" [B, T] int32, "loss_mask"
+    [B] float32, "index" [B] int32 (record index in `source`, -1 on filler rows)}, each side {"tokens", "positions", "segment_ids" [B, T] int32, "loss_mask"
     [B, T] float32, "response_len" [B] int32 (loss tokens in the row)}. valid is 0 on filler
     rows; gold_label is 1 (gold prefers chosen), 0 (gold prefers rejected) or -1 (unknown).
   """
@@ -634,7 +634,8 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
 
   examples = _examples(source, "preference", encode, shuffle=shuffle, seed=seed,
                        num_epochs=num_epochs, shard_index=shard_index,
-                       shard_count=shard_count, read_threads=read_threads)
+                       shard_count=shard_count, read_threads=read_threads,
+                       keep_index=True)
   return _finish(examples, bad_records=bad_records, split_len=None, rows=_rows_as_is,
                  batch_size=batch_size, drop_remainder=drop_remainder, pad_id=tok.pad_id,
                  to_contract=None,

@@ -147,3 +147,51 @@ def split_sources(cfg, kind: str) -> dict[str, Any]:
   if cfg.data.source == "files":
     return file_splits(cfg, kind)
   raise DataError(f"config.data.source: unknown source {cfg.data.source!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers: `tokenizer = "world_bpe:N"` trains (once, cached) a SentencePiece BPE of N pieces
+# on the world's corpus; any other value goes to `make_tokenizer` ("bytes", "*.model", ...).
+
+WORLD_BPE = "world_bpe"
+
+
+def world_tokenizer_path(cfg, vocab_size: int) -> str:
+  """The cached world BPE model for `cfg.world`, trained first if missing (process 0 only).
+
+  Training is deterministic (one thread, fixed input order), so every stage and process of a
+  run resolves the same file; the name carries the world fingerprint and the vocabulary size.
+  """
+  from alignax.config import world_config
+  wcfg = world_config(cfg.world)
+  folder = os.path.join(_tfds_dir(cfg), "tokenizers")
+  path = os.path.join(folder, f"world_{world_fingerprint(wcfg)}_bpe{vocab_size}.model")
+  if jax.process_index() == 0 and not os.path.exists(path):
+    from alignax.data.sentencepiece_tokenizer import train_sentencepiece
+    from alignax.tasks.world import build_world
+    world = build_world(wcfg)
+    texts = [r["text"] for r in world.pretrain_records("train")]
+    for r in world.sft_records("train"):
+      texts += [r["prompt"], r["response"]]
+    os.makedirs(folder, exist_ok=True)
+    tmp_prefix = os.path.join(folder, f".tmp_{os.getpid()}_bpe{vocab_size}")
+    trained = train_sentencepiece(texts, tmp_prefix, vocab_size)
+    os.replace(trained, path)  # atomic: a concurrent reader never sees half a model
+    if os.path.exists(tmp_prefix + ".vocab"):
+      os.replace(tmp_prefix + ".vocab", path[: -len(".model")] + ".vocab")
+    logging.info("trained the world BPE tokenizer (%d pieces) into %s", vocab_size, path)
+  _barrier("alignax_world_tokenizer")
+  return path
+
+
+def resolve_tokenizer(cfg):
+  """The tokenizer `cfg.tokenizer` names (see above)."""
+  from alignax.data.tokenizer import make_tokenizer
+  spec = cfg.tokenizer
+  if spec == WORLD_BPE or spec.startswith(WORLD_BPE + ":"):
+    try:
+      vocab = int(spec.split(":", 1)[1]) if ":" in spec else 1024
+    except ValueError:
+      raise DataError(f"config.tokenizer: expected 'world_bpe:<vocab size>', got {spec!r}") from None
+    return make_tokenizer(world_tokenizer_path(cfg, vocab))
+  return make_tokenizer(spec)

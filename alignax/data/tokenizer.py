@@ -122,18 +122,20 @@ def encode_batch(tok: Tokenizer, texts: Sequence[str], max_len: int, *, add_bos:
 
 
 def make_tokenizer(name_or_path: str) -> Tokenizer:
-  """"bytes" -> ByteTokenizer; "*.model" -> SentencePieceTokenizer.
-
-  A HuggingFace `tokenizer.json` is not supported yet and says so.
-  """
+  """"bytes" -> ByteTokenizer; "*.model" -> SentencePieceTokenizer; a Hugging Face
+  `tokenizer.json` (or a directory containing one) -> HFTokenizer."""
   from alignax.data.schemas import DataError  # lazy: schemas imports this module's users
   if name_or_path in ("bytes", "byte"):
     return ByteTokenizer()
   if name_or_path.endswith(".model"):
     from alignax.data.sentencepiece_tokenizer import SentencePieceTokenizer
     return SentencePieceTokenizer(name_or_path)
+  # --- Hugging Face tokenizer.json (alignax.data.hf_tokenizer) ---
   if name_or_path.endswith(".json") or os.path.isdir(name_or_path):
-    raise DataError(f"tokenizer {name_or_path!r}: HuggingFace tokenizer.json support is not "
-                   f"implemented yet; use 'bytes' or a SentencePiece '*.model' file")
-  raise DataError(f"unknown tokenizer {name_or_path!r}; expected 'bytes' or a SentencePiece "
-                 f"'*.model' file")
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):
+      raise DataError(f"tokenizer {name_or_path!r}: the directory has no tokenizer.json")
+    from alignax.data.hf_tokenizer import HFTokenizer
+    return HFTokenizer(name_or_path)
+  # --- end Hugging Face tokenizer.json ---
+  raise DataError(f"unknown tokenizer {name_or_path!r}; expected 'bytes', a SentencePiece "
+                 f"'*.model' file or a Hugging Face 'tokenizer.json'")

@@ -59,3 +59,120 @@ def bradley_terry_loss(r_chosen: Array, r_rejected: Array, *, margin: Array | No
       "reward_std": weighted_std(both, both_w),
   }
   return jnp.sum(per_pair * w), jnp.sum(w), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct preference optimization and its family. Inputs are per-sequence sums of response-token
+# logprobs (nats) under the policy (pc, pr) and the frozen reference (rc, rr), and response lengths
+# (tokens) for the length-normalized losses.
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo")
+
+
+def _implicit_metrics(pc, pr, rc, rr, beta, w):
+  reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
+  return {
+      "rewards/chosen": weighted_mean(reward_c, w),
+      "rewards/rejected": weighted_mean(reward_r, w),
+      "rewards/accuracy": weighted_mean((reward_c > reward_r).astype(jnp.float32), w),
+      "rewards/margin": weighted_mean(reward_c - reward_r, w),
+      "logps/chosen": weighted_mean(pc, w),
+      "logps/rejected": weighted_mean(pr, w),
+  }
+
+
+def dpo_loss(loss_type: str, pc: Array, pr: Array, rc: Array | None, rr: Array | None, *,
+             beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+             len_chosen: Array | None = None, len_rejected: Array | None = None,
+             weights: Array | None = None):
+  """The preference loss `loss_type`, per pair, with h = (pc - rc) - (pr - rr):
+
+    sigmoid  DPO (Rafailov et al. 2023), with label smoothing eps = conservative DPO (cDPO):
+             -(1 - eps) log s(beta h) - eps log s(-beta h)
+    robust   robust DPO (Chowdhury et al. 2024), unbiased under label-flip rate eps:
+             (-(1 - eps) log s(beta h) + eps log s(-beta h)) / (1 - 2 eps)
+    ipo      IPO (Azar et al. 2023): (h - 1 / (2 beta))^2
+    hinge    SLiC-HF (Zhao et al. 2023): max(0, 1 - beta h)
+    simpo    SimPO (Meng et al. 2024), reference-free, length-normalized:
+             -log s(beta (pc / |yc| - pr / |yr|) - gamma)
+    orpo     ORPO (Hong et al. 2024), reference-free: -pc / |yc| (the chosen NLL per token)
+             + beta * -log s(log odds(yc) - log odds(yr)), log odds(y) = a - log(1 - e^a) with
+             a = mean token logprob of y
+
+  Args:
+    pc, pr: [B] policy logprob sums of chosen / rejected responses.
+    rc, rr: [B] reference logprob sums (unused, may be None, for simpo and orpo).
+    beta: inverse temperature (ORPO: the weight of the odds-ratio term).
+    label_smoothing: eps for sigmoid / robust.
+    gamma: SimPO's target margin.
+    len_chosen, len_rejected: [B] response lengths in tokens (simpo, orpo).
+    weights: [B] 1 for real pairs, 0 for filler.
+
+  Returns:
+    (sum of per-pair losses, number of pairs, metrics): implicit rewards beta * (log pi - log ref)
+    of chosen and rejected (for the reference-free losses, beta * mean token logprob), their
+    accuracy and margin, and the logprobs.
+  """
+  w = _weights(pc, weights)
+  if loss_type in ("simpo", "orpo"):
+    if len_chosen is None or len_rejected is None:
+      raise ValueError(f"{loss_type} needs response lengths")
+    ac = pc / jnp.maximum(len_chosen, 1)
+    ar = pr / jnp.maximum(len_rejected, 1)
+    if loss_type == "simpo":
+      per_pair = -jax.nn.log_sigmoid(beta * (ac - ar) - gamma)
+    else:
+      # log(1 - e^a) for a < 0, computed stably; a is clamped just below 0 for a sure response.
+      def log_odds(a):
+        a = jnp.minimum(a, -1e-6)
+        return a - jnp.log(-jnp.expm1(a))
+      per_pair = -ac - beta * jax.nn.log_sigmoid(log_odds(ac) - log_odds(ar))
+    metrics = _implicit_metrics(ac, ar, 0.0, 0.0, beta, w)
+    metrics.update({"logps/chosen": weighted_mean(pc, w), "logps/rejected": weighted_mean(pr, w)})
+    return jnp.sum(per_pair * w), jnp.sum(w), metrics
+  if rc is None or rr is None:
+    raise ValueError(f"{loss_type} needs reference logprobs")
+  h = (pc - rc) - (pr - rr)
+  eps = label_smoothing
+  if loss_type == "sigmoid":
+    per_pair = -(1 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
+  elif loss_type == "robust":
+    per_pair = (-(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h)) / (1 - 2 * eps)
+  elif loss_type == "ipo":
+    per_pair = (h - 1.0 / (2.0 * beta)) ** 2
+  elif loss_type == "hinge":
+    per_pair = jax.nn.relu(1.0 - beta * h)
+  else:
+    raise ValueError(f"dpo.loss_type must be one of {LOSS_TYPES + ('kto',)}, got {loss_type!r}")
+  return jnp.sum(per_pair * w), jnp.sum(w), _implicit_metrics(pc, pr, rc, rr, beta, w)
+
+
+def kto_loss(policy: Array, ref: Array, desirable: Array, kl_ref: Array, *, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             weights: Array | None = None):
+  """KTO (Ethayarajh et al. 2024) for unpaired data, per example:
+
+    r = log pi(y|x) - log ref(y|x);  z = max(0, kl_ref) (no gradient)
+    desirable:   w_D * (1 - s(beta (r - z)))
+    undesirable: w_U * (1 - s(beta (z - r)))
+
+  `kl_ref` is the reference point: an estimate of KL(pi || ref) from mismatched (prompt,
+  completion) pairs of the batch.
+
+  Args:
+    policy, ref: [B] logprob sums of the completions.
+    desirable: [B] 1 for desirable completions, 0 for undesirable.
+    kl_ref: scalar.
+
+  Returns:
+    (sum, count, metrics: rewards/desirable, rewards/undesirable, kl).
+  """
+  w = _weights(policy, weights)
+  d = desirable.astype(jnp.float32)
+  z = jax.lax.stop_gradient(jnp.maximum(kl_ref, 0.0))
+  r = policy - ref
+  per = (d * desirable_weight * (1 - jax.nn.sigmoid(beta * (r - z)))
+         + (1 - d) * undesirable_weight * (1 - jax.nn.sigmoid(beta * (z - r))))
+  metrics = {"rewards/desirable": weighted_mean(beta * r, w * d),
+             "rewards/undesirable": weighted_mean(beta * r, w * (1 - d)), "kl": z}
+  return jnp.sum(per * w), jnp.sum(w), metrics

@@ -18,7 +18,8 @@ from alignax import checkpoint as ckpt_lib
 from alignax import metrics as metrics_lib
 from alignax import parallel
 from alignax.config import ConfigDict, save_config, validate_common
-from alignax.data.tokenizer import Tokenizer, make_tokenizer
+from alignax.data.sources import resolve_tokenizer
+from alignax.data.tokenizer import Tokenizer
 from alignax.models.config import ModelConfig
 from alignax.train.loop import Run, run_loop
 from alignax.train.state import TrainState
@@ -73,7 +74,7 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
     model = model_config
   if validate is not None:
     validate(cfg)
-  tokenizer = make_tokenizer(cfg.tokenizer)
+  tokenizer = resolve_tokenizer(cfg)
   if tokenizer.vocab_size > model.vocab_size:
     from alignax.config import ConfigError
     raise ConfigError(f"config.model.vocab_size: {model.vocab_size} is smaller than the tokenizer's "

@@ -1,0 +1,299 @@
+"""Stage 5, direct preference optimization and its family, from the SFT model.
+
+Policy and frozen reference start from the SFT export (`init.workdir`). Chosen and rejected go
+through the policy in one concatenated [2B, T] forward; per-sequence logprob sums over the
+response tokens feed `alignax.losses.preference.dpo_loss` (`dpo.loss_type`: sigmoid, robust, ipo,
+hinge, simpo, orpo) or, for unpaired data, `kto_loss` (`dpo.loss_type = "kto"`).
+
+Reference logprobs are computed on the fly (one reference forward per step) or, with
+`dpo.precompute_ref`, once over the training set before training (cached in
+`WORKDIR/reference_logps.npz`) and looked up by record index: the reference then costs nothing
+per step and both ways give the same step.
+
+Eval: held-out implicit-reward accuracy and loss; on the world task, gold reward of samples and
+the sequence KL to the reference (nats).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from alignax import checkpoint as ckpt_lib
+from alignax import parallel
+from alignax.algorithms.common import (adopt_export, ensure_export, process_batch_size, shard_args,
+                                       take_batches)
+from alignax.algorithms.world_eval import WorldEvaluator
+from alignax.config import ConfigDict, ConfigError
+from alignax.data import pipeline, sources
+from alignax.losses.lm import next_token_logprobs, sequence_logprobs
+from alignax.losses.preference import LOSS_TYPES, dpo_loss, kto_loss
+from alignax.models import abstract_lm
+from alignax.train.loop import Run
+from alignax.train.optimizer import make_optimizer
+from alignax.train.runner import StageContext, run_training
+from alignax.train.state import TrainState
+from alignax.train.step import make_train_step
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def sequence_logps(lm, params, batch) -> jax.Array:
+  """[B] sums of response-token logprobs of an LM batch (loss_mask marks the response)."""
+  logits, _ = lm.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+  return sequence_logprobs(next_token_logprobs(logits, batch["tokens"]), batch["loss_mask"])
+
+
+def concat_pairs(batch) -> dict:
+  """The chosen and rejected LM batches stacked into one [2B, T] batch (chosen first)."""
+  c, r = batch["chosen"], batch["rejected"]
+  return {k: jnp.concatenate([c[k], r[k]], axis=0) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+
+
+def pair_logps(lm, params, batch):
+  """(chosen [B], rejected [B]) logprob sums from one concatenated forward."""
+  logps = sequence_logps(lm, params, concat_pairs(batch))
+  b = batch["chosen"]["tokens"].shape[0]
+  return logps[:b], logps[b:]
+
+
+def reference_pair_logps(lm, batch, extra):
+  """Reference sums: precomputed ones riding in the batch, else a forward of `extra["ref"]`."""
+  if "ref_chosen" in batch:
+    return batch["ref_chosen"], batch["ref_rejected"]
+  rc, rr = pair_logps(lm, extra["ref"], batch)
+  return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+
+
+def make_dpo_loss(lm, dcfg):
+  loss_type = dcfg.loss_type
+
+  def loss_fn(params, batch, rng, extra):
+    pc, pr = pair_logps(lm, params, batch)
+    rc = rr = None
+    if loss_type not in REFERENCE_FREE:
+      rc, rr = reference_pair_logps(lm, batch, extra)
+    return dpo_loss(loss_type, pc, pr, rc, rr, beta=float(dcfg.beta),
+                    label_smoothing=float(dcfg.label_smoothing), gamma=float(dcfg.gamma),
+                    len_chosen=batch["chosen"]["response_len"].astype(jnp.float32),
+                    len_rejected=batch["rejected"]["response_len"].astype(jnp.float32),
+                    weights=batch["valid"])
+  return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# KTO: unpaired completions; the reference point comes from mismatched (prompt, completion) pairs.
+
+
+def mismatched_pairs(batch) -> dict:
+  """Row i: the prompt of row i followed by the completion of row i + 1 (mod B), right-padded.
+
+  Rows are [prompt | completion | padding] with loss_mask on the completion. Used for KTO's KL
+  reference point (Ethayarajh et al. 2024), an estimate of KL(pi || ref) on unrelated pairs.
+  """
+  tokens, mask = batch["tokens"], batch["loss_mask"]
+  b, t = tokens.shape
+  starts = jnp.argmax(mask > 0, axis=1)  # first completion token = prompt length
+  lengths = jnp.sum(mask > 0, axis=1)
+  j = (jnp.arange(b) + 1) % b
+  col = jnp.arange(t)[None, :]
+  offset = col - starts[:, None]  # position inside the borrowed completion
+  in_completion = (offset >= 0) & (offset < lengths[j][:, None])
+  src = jnp.clip(starts[j][:, None] + offset, 0, t - 1)
+  borrowed = jnp.take_along_axis(tokens[j], src, axis=1)
+  is_prompt = col < starts[:, None]
+  new_tokens = jnp.where(is_prompt, tokens, jnp.where(in_completion, borrowed, 0))
+  segments = (is_prompt & (batch["segment_ids"] > 0)) | in_completion
+  return dict(tokens=new_tokens, positions=col * segments, segment_ids=segments.astype(jnp.int32),
+              loss_mask=in_completion.astype(jnp.float32))
+
+
+def make_kto_loss(lm, dcfg):
+  def loss_fn(params, batch, rng, extra):
+    lm_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+    policy = sequence_logps(lm, params, lm_batch)
+    ref = jax.lax.stop_gradient(sequence_logps(lm, extra["ref"], lm_batch))
+    kl_batch = mismatched_pairs(lm_batch)
+    kl_policy = sequence_logps(lm, params, kl_batch)
+    kl_ref = sequence_logps(lm, extra["ref"], kl_batch)
+    w = batch["valid"]
+    z = jax.lax.stop_gradient(jnp.sum((kl_policy - kl_ref) * w) / jnp.maximum(jnp.sum(w), 1.0))
+    return kto_loss(policy, ref, batch["label"], z, beta=float(dcfg.beta),
+                    desirable_weight=float(dcfg.kto_desirable_weight),
+                    undesirable_weight=float(dcfg.kto_undesirable_weight), weights=w)
+  return loss_fn
+
+
+def pairs_to_unpaired(records) -> list[dict]:
+  """Preference pairs -> KTO examples: chosen desirable, rejected undesirable."""
+  out = []
+  for i in range(len(records)):
+    r = records[i]
+    out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+    out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed reference logprobs.
+
+
+class WithReference:
+  """Adds `ref_chosen`/`ref_rejected` [B] to each preference batch by record index."""
+
+  def __init__(self, it, ref_chosen: np.ndarray, ref_rejected: np.ndarray):
+    self._it, self.ref_chosen, self.ref_rejected = it, ref_chosen, ref_rejected
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self._it))
+    idx = np.asarray(batch["index"])
+    ok = idx >= 0
+    safe = np.where(ok, idx, 0)
+    batch["ref_chosen"] = np.where(ok, self.ref_chosen[safe], 0.0).astype(np.float32)
+    batch["ref_rejected"] = np.where(ok, self.ref_rejected[safe], 0.0).astype(np.float32)
+    return batch
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+  def stats(self):
+    return self._it.stats()
+
+
+def precompute_reference(ctx: StageContext, lm, ref_params, source, common: dict, path: str):
+  """Reference logprob sums of every training pair, by record index; cached at `path`."""
+  n = len(source)
+  if os.path.exists(path):
+    cached = np.load(path)
+    if int(cached["num_records"]) == n:
+      logging.info("using cached reference logprobs from %s", path)
+      return cached["chosen"], cached["rejected"]
+  fn = parallel.jit_eval(ctx.placement, lambda p, b: pair_logps(lm, p, b), ref_params)
+  chosen = np.full(n, np.nan, np.float32)
+  rejected = np.full(n, np.nan, np.float32)
+  args = dict(common, shard_index=0, shard_count=1)  # every process computes all records
+  it = pipeline.preference_pipeline(source, ctx.tokenizer, shuffle=False, num_epochs=1, **args)
+  for batch in it:
+    c, r = jax.device_get(fn(ref_params, ctx.placement.put_batch(
+        {k: batch[k] for k in ("chosen", "rejected")})))
+    idx = np.asarray(batch["index"])
+    ok = idx >= 0
+    chosen[idx[ok]], rejected[idx[ok]] = np.asarray(c)[ok], np.asarray(r)[ok]
+  skipped = int(np.isnan(chosen).sum())
+  if skipped:
+    logging.info("reference logprobs: %d records were skipped by the pipeline (bad records)", skipped)
+  if ctx.is_main:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, chosen=chosen, rejected=rejected, num_records=n)
+    os.replace(tmp, path)
+  return chosen, rejected
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(cfg: ConfigDict) -> None:
+  d = cfg.dpo
+  if d.loss_type not in LOSS_TYPES + ("kto",):
+    raise ConfigError(f"config.dpo.loss_type: must be one of {LOSS_TYPES + ('kto',)}, got {d.loss_type!r}")
+  if d.beta <= 0:
+    raise ConfigError(f"config.dpo.beta: must be positive, got {d.beta}")
+  if not 0 <= d.label_smoothing < 0.5:
+    raise ConfigError(f"config.dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+  if d.precompute_ref and d.loss_type in REFERENCE_FREE + ("kto",):
+    raise ConfigError(f"config.dpo.precompute_ref: not used by loss_type={d.loss_type!r}; set it False")
+
+
+class PreferenceEval:
+  """Held-out loss and implicit-reward accuracy, plus world metrics and KL to the reference."""
+
+  def __init__(self, ctx, lm, loss_fn, eval_batches, world_eval):
+    self.ctx, self.lm, self.loss_fn, self.eval_batches, self.world_eval = ctx, lm, loss_fn, eval_batches, world_eval
+    self._fn = None
+
+  def __call__(self, state: TrainState) -> dict[str, float]:
+    out = {}
+    if self.eval_batches:
+      if self._fn is None:
+        self._fn = jax.jit(lambda p, b, e: self.loss_fn(p, b, None, e))
+      total = count = acc = 0.0
+      for batch in self.eval_batches:
+        s, c, m = jax.device_get(self._fn(state.params, self.ctx.placement.put_batch(batch), state.extra))
+        total, count = total + float(s), count + float(c)
+        acc += float(m.get("rewards/accuracy", np.nan)) * float(c)
+      out["loss"] = total / max(count, 1.0)
+      if self.ctx.cfg.dpo.loss_type != "kto":
+        out["rewards/accuracy"] = acc / max(count, 1.0)
+    if self.world_eval is not None:
+      out.update(self.world_eval(state.params, int(state.step), reference=(self.lm, state.extra["ref"])))
+    return out
+
+
+def build_run(ctx: StageContext) -> Run:
+  cfg, dcfg = ctx.cfg, ctx.cfg.dpo
+  kto = dcfg.loss_type == "kto"
+  splits = sources.split_sources(cfg, "preference")
+  batch = process_batch_size(int(cfg.train.batch_size))
+  common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), bad_records=cfg.data.bad_records)
+  if kto:
+    if cfg.data.source == "world":
+      splits = {k: (pairs_to_unpaired(v) if v is not None else None) for k, v in splits.items()}
+    make = pipeline.unpaired_pipeline
+  else:
+    make = pipeline.preference_pipeline
+  train_iter = make(splits["train"], ctx.tokenizer, seed=int(cfg.seed), num_epochs=None, **common,
+                    **shard_args())
+  eval_batches = []
+  if splits["eval"] is not None and int(cfg.train.eval_batches) > 0:
+    eval_iter = make(splits["eval"], ctx.tokenizer, shuffle=False, num_epochs=1, **common, **shard_args())
+    eval_batches = take_batches(eval_iter, int(cfg.train.eval_batches))
+
+  lm, abstract = abstract_lm(ctx.model)
+  sft_params, _ = ckpt_lib.load_export(cfg.init.workdir, abstract, ctx.placement.state_sharding(abstract))
+  if dcfg.precompute_ref:
+    ref_c, ref_r = precompute_reference(ctx, lm, sft_params, splits["train"], common,
+                                        os.path.join(cfg.workdir, "reference_logps.npz"))
+    train_iter = WithReference(train_iter, ref_c, ref_r)
+  optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps))
+  # The reference rides in `extra` (needed for on-the-fly reference logprobs, KTO and eval KL).
+  state = TrainState.create(jax.tree.map(jnp.copy, sft_params), optimizer, jax.random.key(int(cfg.seed)),
+                            extra={"ref": sft_params})
+  state = ctx.placement.put_state(state)
+  loss_fn = make_kto_loss(lm, dcfg) if kto else make_dpo_loss(lm, dcfg)
+  step = make_train_step(loss_fn, optimizer, accum_steps=int(cfg.train.accum_steps),
+                         nonfinite_policy=cfg.train.nonfinite)
+  world_eval = (WorldEvaluator(cfg, lm, ctx.tokenizer, ctx.writer)
+                if cfg.data.source == "world" and int(cfg.eval.num_prompts) > 0 else None)
+  # Eval batches never carry precomputed reference logprobs: the reference forward runs there.
+  evaluate = PreferenceEval(ctx, lm, loss_fn, eval_batches, world_eval)
+
+  def tokens(b):
+    if kto:
+      return int(np.count_nonzero(b["segment_ids"])) * jax.process_count()
+    return int(np.count_nonzero(b["chosen"]["segment_ids"]) +
+               np.count_nonzero(b["rejected"]["segment_ids"])) * jax.process_count()
+
+  return Run(name=f"dpo[{dcfg.loss_type}]", state=state, train_step=step, batches=train_iter,
+             evaluate=evaluate, tokens_per_batch=tokens, total_steps=int(cfg.train.steps))
+
+
+def export(ctx: StageContext, state) -> None:
+  ckpt_lib.save_export(ctx.cfg.workdir, state.params, model=ctx.model, stage="dpo",
+                       tokenizer=ctx.cfg.tokenizer, extra={"loss_type": ctx.cfg.dpo.loss_type,
+                                                           "beta": float(ctx.cfg.dpo.beta)})
+
+
+def train(cfg: ConfigDict):
+  init_dir = ensure_export(cfg.init)
+  model = adopt_export(cfg, init_dir)
+  return run_training(cfg, build_run, export, validate=validate, model_config=model)
