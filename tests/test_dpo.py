@@ -1,0 +1,106 @@
+"""The DPO stage: reference logprobs precomputed or on the fly, KTO's mismatched pairs, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alignax.algorithms import dpo
+from alignax.data import pipeline
+from alignax.data.tokenizer import ByteTokenizer
+from alignax.models import build_lm
+from alignax.train.state import TrainState
+from alignax.train.step import make_train_step
+from cli_helpers import SMALL_PRETRAIN, metric_rows, run_cli
+
+RECORDS = [{"prompt": f"Question {i}?", "chosen": f"Polite answer {i}.", "rejected": f"rude {i}!!"}
+           for i in range(12)]
+
+
+class _Cfg(dict):
+  __getattr__ = dict.__getitem__
+
+
+def test_precomputed_and_on_the_fly_reference_give_the_same_step(tiny_llama):
+  tok = ByteTokenizer()
+  lm, params = build_lm(tiny_llama, seed=0)
+  _, ref = build_lm(tiny_llama, seed=1)  # a reference different from the policy
+  dcfg = _Cfg(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0)
+  batch = next(pipeline.preference_pipeline(RECORDS, tok, batch_size=8, seq_len=48, shuffle=True, seed=3))
+  # Precomputed: sums for every record by index (as `precompute_reference` stores them).
+  all_pairs = next(pipeline.preference_pipeline(RECORDS, tok, batch_size=12, seq_len=48, shuffle=False))
+  rc_all, rr_all = dpo.pair_logps(lm, ref, all_pairs)
+  order = np.asarray(all_pairs["index"])
+  ref_c, ref_r = np.zeros(12, np.float32), np.zeros(12, np.float32)
+  ref_c[order], ref_r[order] = np.asarray(rc_all), np.asarray(rr_all)
+  with_ref = next(dpo.WithReference(iter([batch]), ref_c, ref_r))
+
+  optimizer = optax.adamw(1e-3)
+  step = jax.jit(make_train_step(dpo.make_dpo_loss(lm, dcfg), optimizer))
+  results = []
+  for b in (batch, with_ref):
+    state = TrainState.create(params, optimizer, jax.random.key(0), extra={"ref": ref})
+    state, m = step(state, b)
+    results.append((m, state.params))
+  (m1, p1), (m2, p2) = results
+  assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+  assert float(m1["loss"]) != pytest.approx(np.log(2.0), rel=1e-3)  # the reference mattered
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mismatched_pairs_join_each_prompt_with_the_next_completion():
+  tok = ByteTokenizer()
+  records = [{"prompt": "Q" * (i + 1), "completion": chr(ord("a") + i) * (3 + i), "label": bool(i % 2)}
+             for i in range(4)]
+  batch = next(pipeline.unpaired_pipeline(records, tok, batch_size=4, seq_len=32, shuffle=False))
+  kl = jax.device_get(dpo.mismatched_pairs({k: jnp.asarray(batch[k]) for k in
+                                            ("tokens", "positions", "segment_ids", "loss_mask")}))
+  for i in range(4):
+    j = (i + 1) % 4
+    prompt_len = int(np.argmax(batch["loss_mask"][i] > 0))
+    np.testing.assert_array_equal(kl["tokens"][i, :prompt_len], batch["tokens"][i, :prompt_len])
+    theirs = batch["tokens"][j][batch["loss_mask"][j] > 0]
+    ours = kl["tokens"][i][kl["loss_mask"][i] > 0]
+    np.testing.assert_array_equal(ours, theirs)
+    n = prompt_len + len(theirs)
+    assert np.all(kl["segment_ids"][i, :n] == 1) and np.all(kl["segment_ids"][i, n:] == 0)
+    np.testing.assert_array_equal(kl["positions"][i, :n], np.arange(n))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("base") / "pt")
+  run_cli(*SMALL_PRETRAIN, "--config.train.steps=2", f"--config.workdir={workdir}")
+  return workdir
+
+
+DPO_ARGS = ["train", "--config=configs/dpo.py:tiny", "--config.data.source=files",
+            "--config.data.loader=memory", "--config.train.steps=3", "--config.train.batch_size=4",
+            "--config.data.seq_len=64", "--config.train.progress=False", "--config.eval.num_prompts=0",
+            "--config.train.eval_every=0", "--config.data.eval_records=2"]
+
+
+def _write(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad,reason", [
+    ({"prompt": "Same?", "chosen": "identical", "rejected": "identical"}, "identical"),
+    ({"prompt": "Empty?", "chosen": "", "rejected": "no"}, "empty"),
+    ({"prompt": "long " * 40, "chosen": "a", "rejected": "b"}, "too long"),
+])
+def test_bad_pairs_are_rejected_with_file_and_line_or_skipped_and_counted(tmp_path, base_run, bad, reason):
+  data = _write(tmp_path / "prefs.jsonl", RECORDS[:5] + [bad] + RECORDS[5:])
+  args = DPO_ARGS + [f"--config.init.workdir={base_run}", f"--config.data.train_files={data}"]
+  proc = run_cli(*args, f"--config.workdir={tmp_path / 'err'}", check=False)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert f"{data}:6" in proc.stderr and reason in proc.stderr.lower()
+  run_cli(*args, "--config.data.bad_records=skip", f"--config.workdir={tmp_path / 'skip'}")
+  rows = [r for r in metric_rows(str(tmp_path / "skip")) if any(k.startswith("data/skipped/") for k in r)]
+  assert rows and sum(v for k, v in rows[-1].items() if k.startswith("data/skipped/")) >= 1
