@@ -123,7 +123,9 @@ def cmd_sample(prog: str, argv: list[str]) -> None:
   flags.DEFINE_float("top_p", 1.0, "1 = off.")
   flags.DEFINE_integer("max_new_tokens", 64, "Longest completion.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_boolean("raw", False, "Treat prompts as plain text (no chat template).")
+  flags.DEFINE_enum("format", "auto", ["auto", "chat", "raw"],
+                    "Prompt format: the chat template, or plain text; auto picks raw for pretraining "
+                    "and imported runs, chat otherwise.")
 
   def main(_):
     from alignax.generation.cli import sample_main
@@ -139,7 +141,7 @@ def cmd_eval(prog: str, argv: list[str]) -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
   def main(_):
-    from alignax.evaluation import eval_main
+    from alignax.report import eval_main
     eval_main(flags.FLAGS)
   app.run(_guarded(main), argv=[prog] + argv)
 
@@ -152,8 +154,10 @@ def cmd_data(prog: str, argv: list[str]) -> None:
   flags.DEFINE_string("out", None, "Output directory.", required=True)
 
   def main(cfg):
-    from alignax.tasks.world_data import write_world_from_config
-    paths = write_world_from_config(cfg, flags.FLAGS.out)
+    from alignax.config import world_config, world_section
+    from alignax.tasks.world import build_world
+    section = cfg.world if cfg is not None and "world" in cfg else world_section()
+    paths = build_world(world_config(section)).write_jsonl(flags.FLAGS.out)
     for name, path in paths.items():
       print(f"{name}: {path}")
   _run_with_config(prog, argv, main)

@@ -70,6 +70,33 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def guarded_update(params, opt_state, grads, loss: jax.Array, optimizer: optax.GradientTransformation,
+                   allowed: jax.Array | bool = True):
+  """One optax update that is applied only when loss and gradients are finite (and `allowed`).
+
+  Returns:
+    (params, opt_state, finite): the updated or untouched params and optimizer state, and
+    whether this step's loss and gradients were finite.
+  """
+  finite = jnp.isfinite(loss) & all_finite(grads)
+  ok = finite & allowed
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return keep(new_params, params), keep(new_opt_state, opt_state), finite
+
+
+def record_finiteness(state: TrainState, finite: jax.Array, nonfinite_policy: str) -> TrainState:
+  """Advances `state.step` and the guard's counters after an update (see `apply_gradients`)."""
+  if nonfinite_policy not in NONFINITE_POLICIES:
+    raise ValueError(f"train.nonfinite: must be one of {NONFINITE_POLICIES}, got {nonfinite_policy!r}")
+  halted_at = state.halted_at
+  if nonfinite_policy == "halt":
+    halted_at = jnp.where((halted_at < 0) & ~finite, state.step, halted_at)
+  return state.replace(step=state.step + 1, nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+                       halted_at=halted_at)
+
+
 def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation,
                     loss: jax.Array, nonfinite_policy: str = "skip"):
   """One optimizer update of `state.params`, guarded against non-finite loss or gradients.
@@ -81,43 +108,54 @@ def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransform
   Returns:
     (new state with step + 1, metrics: grad_norm (before clipping), lr, nonfinite, applied).
   """
-  if nonfinite_policy not in NONFINITE_POLICIES:
-    raise ValueError(f"train.nonfinite: must be one of {NONFINITE_POLICIES}, got {nonfinite_policy!r}")
-  finite = jnp.isfinite(loss) & all_finite(grads)
-  ok = finite & (state.halted_at < 0)
+  allowed = state.halted_at < 0
   lr = current_lr(state.opt_state)
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  halted_at = state.halted_at
-  if nonfinite_policy == "halt":
-    halted_at = jnp.where((halted_at < 0) & ~finite, state.step, halted_at)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
-      nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
-      halted_at=halted_at)
+  params, opt_state, finite = guarded_update(state.params, state.opt_state, grads, loss, optimizer,
+                                             allowed)
+  new_state = record_finiteness(state.replace(params=params, opt_state=opt_state), finite,
+                                nonfinite_policy)
   metrics = {"grad_norm": optax.tree.norm(grads), "nonfinite": new_state.nonfinite,
-             "applied": ok.astype(jnp.float32)}
+             "applied": (finite & allowed).astype(jnp.float32)}
   if lr is not None:
     metrics["lr"] = lr
   return new_state, metrics
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    accum_steps: int = 1, nonfinite_policy: str = "skip"):
+                    accum_steps: int = 1, nonfinite_policy: str = "skip",
+                    axis_name: str | None = None):
   """`train_step(state, batch) -> (state, metrics)` for a loss of the form documented above.
+
+  With `axis_name` (the step runs under `jax.pmap` / `shard_map`, `batch` being this device's
+  rows) loss sums, counts and gradient sums are `lax.psum`'d over the axis before dividing, so
+  loss and update equal those of the whole batch on one device (a mean of per-device means
+  would not be: devices hold different numbers of loss tokens). The loss function's own metrics
+  are averaged over devices (`pmean`), as they are over micro-batches. Each device folds its
+  axis index into the step's key, so random draws differ between devices.
+
+  The returned function carries `axis_name` and `with_axis_name(name) -> train_step`, which a
+  pmap placement uses to rebind a step built without one.
 
   metrics: loss (loss_sum / count), count, the loss function's own metrics, and the update's.
   """
   def train_step(state: TrainState, batch):
+    rng = state.step_rng()
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     total, count, grad_sum, metrics = accumulate_gradients(
-        loss_fn, state.params, batch, state.step_rng(), state.extra, accum_steps)
+        loss_fn, state.params, batch, rng, state.extra, accum_steps)
+    if axis_name is not None:
+      # --- pmap: sum over devices first, divide once (exact global-batch mean) ---
+      total, count, grad_sum = jax.lax.psum((total, count, grad_sum), axis_name)
+      metrics = jax.lax.pmean(metrics, axis_name)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
     loss = total / denom
     state, update_metrics = apply_gradients(state, grads, optimizer, loss, nonfinite_policy)
     return state, {"loss": loss, "count": count, **metrics, **update_metrics}
 
+  train_step.axis_name = axis_name
+  train_step.with_axis_name = lambda name: make_train_step(
+      loss_fn, optimizer, accum_steps=accum_steps, nonfinite_policy=nonfinite_policy,
+      axis_name=name)
   return train_step

@@ -1,0 +1,95 @@
+"""The whole pipeline: pretrain -> SFT -> reward model -> PPO and DPO -> report.
+
+Each stage runs in WORKDIR/<stage> with its own config (the pipeline config's section of that
+name), wired to the export of the stage it builds on. A stage that already has an export is
+skipped, so rerunning the command resumes (a stage stopped by a signal resumes from its own
+checkpoint). Wall seconds per stage accumulate across resumes in WORKDIR/stages.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+from absl import logging
+
+from alignax import checkpoint as ckpt_lib
+from alignax.config import ConfigDict, ConfigError, save_config
+
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+# What each stage starts from: its `init` (and PPO's `reward_model`) workdirs.
+UPSTREAM = {"sft": {"init": "pretrain"}, "reward": {"init": "sft"},
+            "ppo": {"init": "sft", "reward_model": "reward"}, "dpo": {"init": "sft"}}
+SHARED = ("seed", "tokenizer")
+
+
+def stage_names(cfg) -> list[str]:
+  names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+  for s in names:
+    if s not in STAGES:
+      raise ConfigError(f"config.stages: unknown stage {s!r}; stages: {', '.join(STAGES)}")
+  return names
+
+
+def stage_config(cfg, name: str) -> ConfigDict:
+  """The stage's config with the shared keys and the pipeline's workdirs filled in."""
+  scfg = copy.deepcopy(cfg[name])
+  with scfg.unlocked():
+    scfg.workdir = os.path.join(cfg.workdir, name)
+    for key in SHARED:
+      scfg[key] = cfg[key]
+    scfg.world = copy.deepcopy(cfg.world)
+    scfg.data.loader = cfg.data.loader
+    scfg.data.tfds_dir = cfg.data.tfds_dir
+    for field, upstream in UPSTREAM.get(name, {}).items():
+      scfg[field].workdir = os.path.join(cfg.workdir, upstream)
+      scfg[field].run_if_missing = False  # the pipeline runs stages in order itself
+  return scfg
+
+
+class StageClock:
+  """Wall seconds per stage, persisted so resumed runs add up."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "stages.json")
+    self.seconds = {}
+    if os.path.exists(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        self.seconds = json.load(f)
+
+  def add(self, name: str, seconds: float) -> None:
+    self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(self.seconds, f, indent=2)
+    os.replace(tmp, self.path)
+
+
+def run_pipeline(cfg) -> dict | None:
+  """Runs the stages in order and writes the report; returns the report dict (None if stopped)."""
+  from alignax.algorithms import run_stage
+  from alignax.report import write_report
+  names = stage_names(cfg)
+  save_config(cfg, cfg.workdir)
+  clock = StageClock(cfg.workdir)
+  for i, name in enumerate(names, 1):
+    scfg = stage_config(cfg, name)
+    if ckpt_lib.has_export(scfg.workdir):
+      print(f"[{i}/{len(names)}] {name}: finished earlier ({scfg.workdir}), skipping", flush=True)
+      continue
+    print(f"[{i}/{len(names)}] {name} -> {scfg.workdir}", flush=True)
+    t0 = time.time()
+    result = run_stage(scfg)
+    clock.add(name, time.time() - t0)
+    if not result.finished:
+      print(f"alignax: the pipeline stopped during {name}; run the same command to resume.", flush=True)
+      return None
+    logging.info("stage %s finished in %.1f s", name, clock.seconds[name])
+  t0 = time.time()
+  print("report: sampling every model on the eval prompts", flush=True)
+  report = write_report(cfg, names, clock.seconds)
+  clock.add("report", time.time() - t0)
+  print(f"report: {os.path.join(cfg.workdir, 'report.md')}", flush=True)
+  return report

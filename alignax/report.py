@@ -1,0 +1,263 @@
+"""The pipeline's report: every model on the same eval prompts, side by side.
+
+For each of the base, SFT, PPO and DPO models, one response per eval prompt is sampled at
+`report.temperature` (1 by default: the models' own distributions, as the KL estimate needs) and
+scored by the gold labeler:
+
+  gold_reward             mean gold score
+  win_rate_vs_sft         P(gold prefers this model's response to an independent SFT sample on
+                          the same prompt), ties counting 1/2 (SFT itself lands near 0.5)
+  kl_to_sft               KL(model || SFT) in nats per sequence, k1 estimate on the model's samples
+  accuracy                fact prompts answered correctly
+  quiz_continuation_rate  fact prompts answered with another question
+  refusal_rate            harmful prompts refused
+
+The base model never saw the chat template, so it is prompted with the bare question
+(`<bos>question\\n`), and its KL to SFT is measured on that same prompt. Writes report.json,
+report.md and PNG plots into the pipeline's WORKDIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from alignax import checkpoint as ckpt_lib
+from alignax import evaluation
+from alignax.generation import Sampler, SamplingConfig
+from alignax.metrics import read_metrics
+from alignax.models import abstract_lm
+from alignax.tasks.world import SHOWCASE_PROMPTS
+
+MODELS = (("base", "pretrain", "raw"), ("sft", "sft", "chat"), ("ppo", "ppo", "chat"),
+          ("dpo", "dpo", "chat"))
+METRIC_NAMES = ("gold_reward", "win_rate_vs_sft", "kl_to_sft", "accuracy", "quiz_continuation_rate",
+                "refusal_rate")
+
+
+def load_lm(workdir: str):
+  lm, abstract = abstract_lm(ckpt_lib.export_model_config(workdir))
+  params, _ = ckpt_lib.load_export(workdir, abstract)
+  return lm, params
+
+
+def _eval_records(cfg):
+  from alignax.algorithms.world_eval import eval_prompt_records
+  from alignax.pipeline import stage_config
+  scfg = stage_config(cfg, "sft")
+  with scfg.unlocked():
+    scfg.eval.num_prompts = int(cfg.report.num_prompts)
+  return eval_prompt_records(scfg), scfg
+
+
+def _last_eval(workdir: str) -> dict:
+  try:
+    rows = [r for r in read_metrics(workdir) if any(k.startswith("eval/") for k in r)]
+  except FileNotFoundError:
+    return {}
+  return {k[len("eval/"):]: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}
+
+
+def evaluate_models(cfg, names) -> tuple[dict, dict]:
+  """(metrics per model, greedy showcase answers per model)."""
+  from alignax.data.sources import resolve_tokenizer
+  records, scfg = _eval_records(cfg)
+  sft_dir = os.path.join(cfg.workdir, "sft")
+  with scfg.unlocked():
+    scfg.tokenizer = ckpt_lib.read_export_meta(sft_dir)["tokenizer"]
+  tok = resolve_tokenizer(scfg)
+  rcfg = cfg.report
+  sampling = SamplingConfig(temperature=float(rcfg.temperature), max_new_tokens=int(rcfg.max_new_tokens))
+  prompts = [r["prompt"] for r in records]
+  bs = int(rcfg.batch_size)
+  key = jax.random.key(int(cfg.seed) + 101)
+  sft_lm, sft_params = load_lm(sft_dir)
+  sft_sampler = Sampler(sft_lm, tok, sampling)
+  # An independent SFT sample set: the baseline every model's win rate is measured against.
+  baseline = evaluation.sample_prompts(sft_sampler, sft_params, prompts, jax.random.fold_in(key, 999),
+                                       batch_size=bs)
+  baseline_gold = evaluation.gold_scores(prompts, baseline.texts, baseline.ended)
+  results, showcase = {}, {}
+  for i, (name, stage, fmt) in enumerate(MODELS):
+    workdir = os.path.join(cfg.workdir, stage)
+    if stage not in names or not ckpt_lib.has_export(workdir):
+      continue
+    lm, params = load_lm(workdir)
+    sampler = Sampler(lm, tok, sampling)
+    samples = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, i), fmt=fmt,
+                                        batch_size=bs)
+    metrics = evaluation.world_metrics(records, samples)
+    gold = evaluation.gold_scores(prompts, samples.texts, samples.ended)
+    metrics["win_rate_vs_sft"] = evaluation.win_rate(gold, baseline_gold)
+    ref_lp = evaluation.reference_logprobs(sft_lm, sft_params, samples, bs)
+    metrics["kl_to_sft"] = evaluation.sequence_kl(samples, ref_lp)
+    metrics["num_prompts"] = len(prompts)
+    results[name] = metrics
+    greedy = Sampler(lm, tok, SamplingConfig(temperature=0.0, max_new_tokens=int(rcfg.max_new_tokens)))
+    shown = evaluation.sample_prompts(greedy, params, list(SHOWCASE_PROMPTS), jax.random.key(0), fmt=fmt,
+                                      batch_size=len(SHOWCASE_PROMPTS))
+    showcase[name] = shown.texts
+  return results, showcase
+
+
+def write_report(cfg, names, seconds: dict) -> dict:
+  """Evaluates, plots and writes report.json / report.md; returns the report dict."""
+  models, showcase = evaluate_models(cfg, names)
+  rm = _last_eval(os.path.join(cfg.workdir, "reward"))
+  report = {
+      "models": models,
+      "reward_model": {"accuracy": rm.get("gold_accuracy", rm.get("accuracy")),
+                       "label_accuracy": rm.get("accuracy"), "gold_agreement": rm.get("gold_agreement")},
+      "stages": {name: {"seconds": round(float(s), 1)} for name, s in seconds.items()},
+      "total_seconds": round(float(sum(seconds.values())), 1),
+      "showcase": {"prompts": list(SHOWCASE_PROMPTS), "answers": showcase},
+      "settings": {"temperature": float(cfg.report.temperature), "num_prompts": int(cfg.report.num_prompts),
+                   "seed": int(cfg.seed), "tokenizer": cfg.tokenizer},
+  }
+  os.makedirs(cfg.workdir, exist_ok=True)
+  with open(os.path.join(cfg.workdir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  plots = make_plots(cfg.workdir, report)
+  with open(os.path.join(cfg.workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(markdown(report, plots))
+  return report
+
+
+def _fmt(v):
+  if v is None or (isinstance(v, float) and not np.isfinite(v)):
+    return "–"
+  return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(report: dict, plots: list[str]) -> str:
+  models = report["models"]
+  lines = ["# alignax pipeline report", "",
+           f"{report['settings']['num_prompts']} eval prompts of the world task, one sample per prompt "
+           f"at temperature {report['settings']['temperature']}, scored by the gold labeler. "
+           "`win_rate_vs_sft` compares with an independent SFT sample on the same prompt; "
+           "`kl_to_sft` is nats per sequence. The base model is prompted with the bare question.", "",
+           "## Models", "",
+           "| model | " + " | ".join(METRIC_NAMES) + " | eos_rate | mean_length |",
+           "|---" * (len(METRIC_NAMES) + 3) + "|"]
+  for name, m in models.items():
+    lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in METRIC_NAMES)
+                 + f" | {_fmt(m.get('eos_rate'))} | {_fmt(m.get('mean_length'))} |")
+  rm = report["reward_model"]
+  lines += ["", "## Reward model", "",
+            f"Held-out accuracy against the gold order: {_fmt(rm['accuracy'])} "
+            f"(against the noisy labels: {_fmt(rm['label_accuracy'])}); agreement with the gold "
+            f"labeler on pairs of fresh SFT samples: {_fmt(rm['gold_agreement'])}.", "",
+            "## The same prompts, answered by each model (greedy)", "",
+            evaluation.sample_table(report["showcase"]["prompts"], report["showcase"]["answers"]), "",
+            "## Time", "", "| stage | seconds |", "|---|---|"]
+  for name, s in report["stages"].items():
+    lines.append(f"| {name} | {s['seconds']:.1f} |")
+  lines.append(f"| total | {report['total_seconds']:.1f} |")
+  lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+  return "\n".join(lines) + "\n"
+
+
+def _series(workdir: str, key: str):
+  try:
+    rows = [r for r in read_metrics(workdir) if key in r and isinstance(r[key], (int, float))]
+  except FileNotFoundError:
+    return [], []
+  return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def make_plots(workdir: str, report: dict) -> list[str]:
+  """models.png (metrics per model), training.png (curves per stage), kl_vs_gold.png."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  written = []
+  models = report["models"]
+  names = list(models)
+  metrics = ("gold_reward", "win_rate_vs_sft", "accuracy", "refusal_rate", "quiz_continuation_rate")
+  fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2))
+  for ax, metric in zip(axes, metrics):
+    values = [models[n].get(metric, np.nan) for n in names]
+    ax.bar(names, values, color=["#999999", "#4c72b0", "#dd8452", "#55a868"][: len(names)])
+    ax.set_title(metric, fontsize=10)
+    ax.tick_params(labelsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "models.png"), dpi=110)
+  plt.close(fig)
+  written.append("models.png")
+
+  panels = [("pretrain", "eval/loss", "pretrain: held-out loss"), ("sft", "eval/loss", "SFT: held-out loss"),
+            ("reward", "eval/gold_accuracy", "RM: accuracy vs gold"), ("ppo", "train/score", "PPO: RM score"),
+            ("ppo", "train/kl", "PPO: sequence KL (nats)"), ("dpo", "train/loss", "DPO: loss")]
+  fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+  for ax, (stage, key, title) in zip(axes.flat, panels):
+    steps, values = _series(os.path.join(workdir, stage), key)
+    ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "training.png"), dpi=110)
+  plt.close(fig)
+  written.append("training.png")
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for stage, color in (("ppo", "#dd8452"), ("dpo", "#55a868")):
+    _, kl = _series(os.path.join(workdir, stage), "eval/kl_to_reference")
+    _, gold = _series(os.path.join(workdir, stage), "eval/gold_reward")
+    if kl and gold:
+      ax.plot(kl[: len(gold)], gold[: len(kl)], marker="o", color=color, label=stage)
+  for name in names:
+    ax.scatter([models[name].get("kl_to_sft", np.nan)], [models[name]["gold_reward"]], marker="*", s=90,
+               label=f"{name} (report)")
+  ax.set_xlabel("KL to SFT (nats / sequence)")
+  ax.set_ylabel("gold reward")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "kl_vs_gold.png"), dpi=110)
+  plt.close(fig)
+  written.append("kl_vs_gold.png")
+  return written
+
+
+def eval_main(flags) -> dict:
+  """`alignax eval --workdir=DIR [--reference=DIR]`: world metrics of one run, printed as JSON
+  and written to WORKDIR/eval.json."""
+  from alignax.algorithms.world_eval import eval_prompt_records
+  from alignax.config import base_config, read_config
+  from alignax.data.sources import resolve_tokenizer
+  from alignax.generation.cli import RAW_STAGES, load_policy
+  lm, params, stage, tokenizer_spec = load_policy(flags.workdir)
+  try:
+    cfg = read_config(flags.workdir)
+  except Exception:  # imported runs have no config.json: evaluate on the default world
+    cfg = base_config(stage)
+  with cfg.unlocked():
+    cfg.tokenizer = tokenizer_spec
+    if "world" not in cfg:
+      from alignax.config import world_section
+      cfg.world = world_section()
+    if "eval" not in cfg:
+      from alignax.algorithms.common import eval_section
+      cfg.eval = eval_section()
+    cfg.eval.num_prompts = int(flags.num_prompts)
+    cfg.data.source = "world"
+  tok = resolve_tokenizer(cfg)
+  records = eval_prompt_records(cfg)
+  fmt = "raw" if stage in RAW_STAGES else "chat"
+  sampler = Sampler(lm, tok, SamplingConfig(temperature=1.0, max_new_tokens=int(cfg.eval.max_new_tokens)))
+  samples = evaluation.sample_prompts(sampler, params, [r["prompt"] for r in records],
+                                      jax.random.key(flags.seed), fmt=fmt, batch_size=32)
+  metrics = evaluation.world_metrics(records, samples)
+  if flags.reference:
+    ref_lm, ref_params, _, _ = load_policy(flags.reference)
+    metrics["kl_to_reference"] = evaluation.sequence_kl(
+        samples, evaluation.reference_logprobs(ref_lm, ref_params, samples))
+  metrics.update(stage=stage, num_prompts=len(records), format=fmt)
+  print(json.dumps(metrics, indent=2))
+  with open(os.path.join(flags.workdir, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(metrics, f, indent=2)
+  return metrics
