@@ -72,6 +72,24 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
   return out.astype(x.dtype)
 
 
+def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Softmax attention of queries over a cache in [B, K, S, Dh] layout (grouped-query aware).
+
+  Args:
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh] with H a multiple of K; mask: [B, T, S] bool.
+
+  Returns:
+    [B, T, H, Dh].
+  """
+  b, t, h, dh = q.shape
+  kv = k.shape[1]
+  q = q.reshape(b, t, kv, h // kv, dh)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, dh)
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query self-attention with an optional KV cache."""
 
@@ -98,7 +116,8 @@ class Attention(nnx.Module):
       x: [B, T, d] normalized inputs in compute dtype.
       positions: [B, T] positions for RoPE.
       mask: [B, T, S] bool, S = T without a cache, the cache length with one.
-      kv_cache: None, or (k, v) each [B, S, K, Dh] for this layer.
+      kv_cache: None, or (k, v) each [B, K, S, Dh] for this layer (heads before slots: the
+        layout the attention matmuls read without a transpose).
       cache_end: int32 scalar: slot where x's first token is written.
 
     Returns:
@@ -121,12 +140,15 @@ class Attention(nnx.Module):
     v = project(self.wv, self.bv if biased else None)
     if cfg.position == "rope":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    if kv_cache is not None:
+    if kv_cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    else:
       k_all, v_all = kv_cache
-      k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_end, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_end, axis=1)
-      k, v, kv_cache = k_all.astype(dt), v_all.astype(dt), (k_all, v_all)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+      put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+          buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), cache_end, axis=2)
+      k_all, v_all = put(k_all, k), put(v_all, v)
+      kv_cache = (k_all, v_all)
+      out = cached_attention(q, k_all.astype(dt), v_all.astype(dt), mask)
     out = out.reshape(b * t, -1) @ self.wo[...].astype(dt).reshape(-1, d)
     if cfg.use_bias:
       out = out + self.bo[...].astype(dt)
@@ -253,17 +275,16 @@ class Transformer(nnx.Module):
       x, _ = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
       new_cache = None
     else:
-      # The cache rides in the carry and is updated in place at [layer, :, end:end+T].
-      def body(carry, xs):
-        x, k_all, v_all = carry
-        layer_params, i = xs
-        x, (k_i, v_i) = layer(x, layer_params, (k_all[i], v_all[i]))
-        k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_i, i, axis=0)
-        v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_i, i, axis=0)
-        return (x, k_all, v_all), None
-      (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
-                                          (stacked, jnp.arange(cfg.n_layers)), unroll=cfg.scan_unroll)
-      new_cache = dict(k=k_all, v=v_all, segment_ids=k_segments, end=cache["end"] + t)
+      # Cached calls (prefill, decode) loop over layers with a static index, each layer owning its
+      # cache arrays: no per-step slicing or restacking of the whole cache, and each update is an
+      # in-place write of the new tokens' keys and values.
+      ks, vs = [], []
+      for i in range(cfg.n_layers):
+        layer_params = jax.tree.map(lambda a: a[i], stacked)
+        x, (k_i, v_i) = layer(x, layer_params, (cache["k"][i], cache["v"][i]))
+        ks.append(k_i)
+        vs.append(v_i)
+      new_cache = dict(k=tuple(ks), v=tuple(vs), segment_ids=k_segments, end=cache["end"] + t)
     return self.final_norm(x), new_cache
 
   def unembed(self, h: Array) -> Array:
@@ -282,10 +303,12 @@ class Transformer(nnx.Module):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache for `batch` rows and `max_len` slots.
 
-  Returns a dict: k, v [L, B, S, K, Dh] (compute dtype), segment_ids [B, S] int32 (0 = empty),
-  end int32 scalar (next slot to write; shared by all rows, so prompts are left-padded).
+  Returns a dict: k, v: tuples of n_layers arrays [B, K, S, Dh] (compute dtype); segment_ids
+  [B, S] int32 (0 = empty slot); end int32 scalar (next slot to write; shared by all rows, so
+  prompts are left-padded).
   """
   dtype = dtype or cfg.compute_dtype
-  shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
-  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-              segment_ids=jnp.zeros((batch, max_len), jnp.int32), end=jnp.zeros((), jnp.int32))
+  shape = (batch, cfg.kv_heads, max_len, cfg.dim_per_head)
+  layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+  return dict(k=layers(), v=layers(), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+              end=jnp.zeros((), jnp.int32))
