@@ -11,6 +11,7 @@ Prompt formats: "chat" wraps the prompt in the chat template (every assistant mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -119,9 +120,15 @@ def win_rate(gold_a: np.ndarray, gold_b: np.ndarray) -> float:
   return float(np.mean((gold_a > gold_b) + 0.5 * (gold_a == gold_b)))
 
 
+@functools.lru_cache(maxsize=8)
+def _logprob_fn(lm):
+  # One compiled function per model architecture (LanguageModel is hashable).
+  return jax.jit(lambda p, a, b, c, d: response_logprobs(lm, p, a, b, c, d))
+
+
 def reference_logprobs(lm, params, samples: Samples, batch_size: int = 32) -> np.ndarray:
   """[n, N] logprobs of the sampled response tokens under another model (e.g. the reference)."""
-  fn = jax.jit(lambda p, a, b, c, d: response_logprobs(lm, p, a, b, c, d))
+  fn = _logprob_fn(lm)
   parts = []
   n = len(samples.texts)
   for start in range(0, n, batch_size):

@@ -74,6 +74,7 @@ def run_pipeline(cfg) -> dict | None:
   names = stage_names(cfg)
   save_config(cfg, cfg.workdir)
   clock = StageClock(cfg.workdir)
+  ran = False
   for i, name in enumerate(names, 1):
     scfg = stage_config(cfg, name)
     if ckpt_lib.has_export(scfg.workdir):
@@ -81,12 +82,18 @@ def run_pipeline(cfg) -> dict | None:
       continue
     print(f"[{i}/{len(names)}] {name} -> {scfg.workdir}", flush=True)
     t0 = time.time()
+    ran = True
     result = run_stage(scfg)
     clock.add(name, time.time() - t0)
     if not result.finished:
       print(f"alignax: the pipeline stopped during {name}; run the same command to resume.", flush=True)
       return None
     logging.info("stage %s finished in %.1f s", name, clock.seconds[name])
+  report_path = os.path.join(cfg.workdir, "report.json")
+  if not ran and os.path.exists(report_path):
+    print(f"report: up to date ({report_path}; delete it to rebuild)", flush=True)
+    with open(report_path, encoding="utf-8") as f:
+      return json.load(f)
   t0 = time.time()
   print("report: sampling every model on the eval prompts", flush=True)
   report = write_report(cfg, names, clock.seconds)

@@ -75,9 +75,19 @@ def evaluate_models(cfg, names) -> tuple[dict, dict]:
   bs = int(rcfg.batch_size)
   key = jax.random.key(int(cfg.seed) + 101)
   sft_lm, sft_params = load_lm(sft_dir)
-  sft_sampler = Sampler(sft_lm, tok, sampling)
+  # Every model shares the SFT model's architecture, so one sampler (one compile per prompt
+  # shape) serves them all; params are arguments, not constants.
+  samplers = {}
+
+  def samplers_for(lm):
+    if lm not in samplers:
+      samplers[lm] = (Sampler(lm, tok, sampling), Sampler(lm, tok, SamplingConfig(
+          temperature=0.0, max_new_tokens=int(rcfg.max_new_tokens))))
+    return samplers[lm]
+
+  sampler, _ = samplers_for(sft_lm)
   # An independent SFT sample set: the baseline every model's win rate is measured against.
-  baseline = evaluation.sample_prompts(sft_sampler, sft_params, prompts, jax.random.fold_in(key, 999),
+  baseline = evaluation.sample_prompts(sampler, sft_params, prompts, jax.random.fold_in(key, 999),
                                        batch_size=bs)
   baseline_gold = evaluation.gold_scores(prompts, baseline.texts, baseline.ended)
   results, showcase = {}, {}
@@ -86,7 +96,7 @@ def evaluate_models(cfg, names) -> tuple[dict, dict]:
     if stage not in names or not ckpt_lib.has_export(workdir):
       continue
     lm, params = load_lm(workdir)
-    sampler = Sampler(lm, tok, sampling)
+    sampler, greedy = samplers_for(lm)
     samples = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, i), fmt=fmt,
                                         batch_size=bs)
     metrics = evaluation.world_metrics(records, samples)
@@ -96,7 +106,6 @@ def evaluate_models(cfg, names) -> tuple[dict, dict]:
     metrics["kl_to_sft"] = evaluation.sequence_kl(samples, ref_lp)
     metrics["num_prompts"] = len(prompts)
     results[name] = metrics
-    greedy = Sampler(lm, tok, SamplingConfig(temperature=0.0, max_new_tokens=int(rcfg.max_new_tokens)))
     shown = evaluation.sample_prompts(greedy, params, list(SHOWCASE_PROMPTS), jax.random.key(0), fmt=fmt,
                                       batch_size=len(SHOWCASE_PROMPTS))
     showcase[name] = shown.texts

@@ -24,6 +24,9 @@ def cli_env(devices: int = 1) -> dict:
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env.setdefault("ALIGNAX_DATA_DIR", os.path.join(REPO, ".pytest_cache", "tfds"))
+  # Many test runs compile the same small programs: JAX's persistent cache shares them.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".pytest_cache", "jax"))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   return env
 
 

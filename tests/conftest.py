@@ -7,6 +7,11 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
+_repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("ALIGNAX_DATA_DIR", os.path.join(_repo, ".pytest_cache", "tfds"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_repo, ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import jax  # noqa: E402  (after the environment is set)
 import pytest  # noqa: E402
 

@@ -1,0 +1,141 @@
+"""The standard CPU workload of ../shared/PERFORMANCE.md, next to the peers' figures.
+
+  python benchmarks/workload.py [--tasks=sft,reward,dpo,ppo] [--steps=10]
+
+Llama-style 4 layers, 4 heads, d_model 256, MLP 1024, vocab 512, untied (4.46M params), float32;
+sequences of 64 prompt + 64 completion tokens; batch 8 sequences (SFT) or 8 pairs (RM, DPO);
+PPO: 8 prompts x 64 new tokens, one policy/value update per iteration, KL coefficient 0.04 (the
+reference runs every iteration). AdamW, weight decay 0, clip 1.0, constant lr. Time = median
+step after warm-up (compilation excluded). Each step is alignax's own jitted, donated train step
+with random params and synthetic batches. Differences from the peers' setup are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+_TASKS = flags.DEFINE_string("tasks", "sft,reward,dpo,ppo", "Comma-separated tasks.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per task.")
+_OUT = flags.DEFINE_string("out", "", "JSON path (default benchmarks/results/workload_<platform>.json).")
+
+PEERS = {  # median seconds per step, PERFORMANCE.md (TRL 1.16 / torch 2.13 CPU; Tunix 0.1.7 / JAX 0.10.2)
+    "sft": (0.226, 0.209, 0.12), "reward": (0.445, 0.426, 0.24), "dpo": (0.580, 0.503, 0.30),
+    "ppo": (None, 0.730, 0.20),
+}
+NOTES = {
+    "ppo": "reward from alignax's reward model (a transformer forward), plus a value model, "
+           "where the peers' workload scores with a Python function",
+}
+
+
+def _setup():
+  import ml_collections
+
+  from alignax.config import base_config
+  from alignax.models import llama_style
+  model = llama_style()  # the 4.46M workload model
+  opt = base_config("bench").optimizer
+  opt.weight_decay, opt.clip_norm, opt.schedule, opt.warmup_steps, opt.lr = 0.0, 1.0, "constant", 0, 1e-5
+  return model, opt, ml_collections
+
+
+def _lm_batch(rng, b, t, vocab, prompt=64):
+  import numpy as np
+  mask = np.zeros((b, t), np.float32)
+  mask[:, prompt:] = 1.0
+  return dict(tokens=rng.integers(0, vocab, (b, t)).astype(np.int32),
+              positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+              segment_ids=np.ones((b, t), np.int32), loss_mask=mask)
+
+
+def bench_task(task: str, steps: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from alignax import flops
+  from alignax.algorithms import dpo, ppo, reward
+  from alignax.algorithms.pretrain import lm_loss
+  from alignax.generation import SamplingConfig
+  from alignax.models import build_lm
+  from alignax.models.heads import build_scalar_model
+  from alignax.train.optimizer import make_optimizer
+  from alignax.train.state import TrainState
+  from alignax.train.step import make_train_step
+
+  model, opt_cfg, mlc = _setup()
+  optimizer = make_optimizer(opt_cfg, 1000)
+  rng = np.random.default_rng(0)
+  lm, params = build_lm(model, 0)
+  b, t = 8, 128
+  if task == "sft":
+    step = make_train_step(lm_loss(lm), optimizer)
+    state = TrainState.create(params, optimizer, jax.random.key(0))
+    batch = _lm_batch(rng, b, t, model.vocab_size)
+  elif task in ("reward", "dpo"):
+    pair = lambda: {**_lm_batch(rng, b, t, model.vocab_size), "response_len": np.full(b, 64, np.int32)}
+    batch = dict(chosen=pair(), rejected=pair(), valid=np.ones(b, np.float32), margin=np.zeros(b, np.float32))
+    if task == "reward":
+      rm, rm_params = build_scalar_model(model, 1, backbone=params)
+      step = make_train_step(reward.reward_loss(rm, 0.0, False), optimizer)
+      state = TrainState.create(rm_params, optimizer, jax.random.key(0))
+    else:
+      dcfg = mlc.ConfigDict(dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0))
+      step = make_train_step(dpo.make_dpo_loss(lm, dcfg), optimizer)
+      state = TrainState.create(params, optimizer, jax.random.key(0),
+                                extra={"ref": jax.tree.map(jnp.copy, params)})
+  elif task == "ppo":
+    rm, rm_params = build_scalar_model(model, 1, backbone=params)
+    pcfg = mlc.ConfigDict(dict(epochs=1, num_minibatches=1, clip=0.2, vf_clip=0.2, vf_coef=0.1, gamma=1.0,
+                               lam=0.95, kl_estimator="k1", adaptive_kl=False, target_kl=6.0, horizon=10000,
+                               whiten_rewards=False, apply_no_eos_score=True, no_eos_score=-1.0))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=64)
+    # eos id outside the vocabulary: every response runs the full 64 tokens, as in the workload.
+    step = ppo.make_ppo_iteration(lm, rm, rm, optimizer, pcfg, sampling, model.vocab_size + 1, 0, "skip", b)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    state = TrainState.create({"policy": copy(params), "value": copy(rm_params)}, optimizer, jax.random.key(0),
+                              extra={"ref": copy(params), "reward": rm_params,
+                                     "kl_coef": jnp.asarray(0.04, jnp.float32)})
+    batch = dict(tokens=rng.integers(0, model.vocab_size, (b, 64)).astype(np.int32),
+                 mask=np.ones((b, 64), bool), valid=np.ones(b, np.float32))
+  else:
+    raise ValueError(task)
+  jitted = jax.jit(step, donate_argnums=0)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], m = jitted(holder["state"], batch)
+    jax.block_until_ready(m)
+
+  run()  # compile
+  median, times = flops.median_seconds(run, warmup=2, repeats=steps)
+  return {"task": task, "median_seconds": median, "seconds": times,
+          "platform": jax.devices()[0].platform, "note": NOTES.get(task, "")}
+
+
+def main(_):
+  import jax
+  results = [bench_task(t.strip(), _STEPS.value) for t in _TASKS.value.split(",") if t.strip()]
+  print(f"standard CPU workload, {jax.devices()[0].device_kind}, median seconds per step")
+  print(f"{'task':<8} {'alignax':>8} {'TRL':>7} {'Tunix':>7} {'target':>7}")
+  for r in results:
+    trl, tunix, target = PEERS[r["task"]]
+    fmt = lambda v: f"{v:.3f}" if v is not None else "n/a"
+    print(f"{r['task']:<8} {r['median_seconds']:>8.3f} {fmt(trl):>7} {fmt(tunix):>7} {fmt(target):>7}")
+  for r in results:
+    if r["note"]:
+      print(f"note ({r['task']}): {r['note']}")
+  out = _OUT.value or os.path.join(os.path.dirname(__file__), "results", f"workload_{results[0]['platform']}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump({"results": results, "peers": PEERS}, f, indent=2)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)

@@ -1,0 +1,77 @@
+"""The main job as a user runs it: `alignax pipeline`, its report, resuming, and the notebook."""
+
+import json
+import os
+
+import pytest
+
+from cli_helpers import REPO, cli_env, run_cli
+
+SMALL = ["pipeline", "--config=configs/pipeline.py:tiny", "--config.report.num_prompts=24",
+         "--config.data.loader=memory", "--config.reward.reward.normalize_prompts=16"]
+for _stage, _steps in dict(pretrain=30, sft=12, reward=12, ppo=2, dpo=12).items():
+  SMALL += [f"--config.{_stage}.train.steps={_steps}", f"--config.{_stage}.train.progress=False",
+            f"--config.{_stage}.train.eval_every=0"]
+  if _stage != "pretrain":
+    SMALL.append(f"--config.{_stage}.eval.num_prompts=16")
+
+MODELS = ("base", "sft", "ppo", "dpo")
+METRICS = ("gold_reward", "win_rate_vs_sft", "kl_to_sft", "accuracy", "quiz_continuation_rate", "refusal_rate")
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
+  proc = run_cli(*SMALL, f"--config.workdir={workdir}", timeout=1500)
+  assert "[5/5] dpo" in proc.stdout
+  return workdir
+
+
+@pytest.mark.slow
+def test_pipeline_report_has_every_model_metric_and_plot(pipeline_dir):
+  report = json.load(open(os.path.join(pipeline_dir, "report.json")))
+  assert set(report["models"]) == set(MODELS)
+  for name in MODELS:
+    for metric in METRICS:
+      value = report["models"][name][metric]
+      assert isinstance(value, float) and value == value, (name, metric)
+  assert report["models"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)  # same model
+  assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
+  assert 0.0 <= report["reward_model"]["gold_agreement"] <= 1.0
+  for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
+    assert report["stages"][stage]["seconds"] > 0
+  md = open(os.path.join(pipeline_dir, "report.md")).read()
+  for prompt in report["showcase"]["prompts"]:
+    assert prompt in md
+  assert len(report["showcase"]["prompts"]) == 6
+  for png in ("models.png", "training.png", "kl_vs_gold.png"):
+    assert os.path.getsize(os.path.join(pipeline_dir, png)) > 10_000
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_pipeline_skips_every_stage(pipeline_dir):
+  proc = run_cli(*SMALL, f"--config.workdir={pipeline_dir}", timeout=900)
+  assert proc.stdout.count("finished earlier") == 5
+
+
+@pytest.mark.slow
+def test_walkthrough_notebook_executes(pipeline_dir):
+  import nbformat
+  from nbclient import NotebookClient
+  path = os.path.join(REPO, "notebooks", "walkthrough.ipynb")
+  nb = nbformat.read(path, as_version=4)
+  env = cli_env()
+  env["ALIGNAX_PIPELINE_DIR"] = pipeline_dir
+  old = dict(os.environ)
+  os.environ.update(env)
+  try:
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
+  finally:
+    os.environ.clear()
+    os.environ.update(old)
+  outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  assert all(f"{stage:>8}:" in text for stage in ("pretrain", "sft", "ppo", "dpo"))
+  assert sum(1 for o in outputs if "image/png" in o.get("data", {})) == 3
