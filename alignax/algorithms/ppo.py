@@ -27,7 +27,7 @@ import numpy as np
 
 from alignax import checkpoint as ckpt_lib
 from alignax.algorithms.common import adopt_export, ensure_export, process_batch_size, shard_args
-from alignax.algorithms.reward import load_reward_model, rollout_rewards
+from alignax.algorithms.reward import load_reward_model, rollout_rewards, score_samples
 from alignax.algorithms.world_eval import WorldEvaluator
 from alignax.config import ConfigDict, ConfigError
 from alignax.data import pipeline, sources
@@ -235,7 +235,12 @@ def build_run(ctx: StageContext) -> Run:
   evaluate = None
   if cfg.data.source == "world" and int(cfg.eval.num_prompts) > 0:
     world_eval = WorldEvaluator(cfg, lm, ctx.tokenizer, ctx.writer)
-    evaluate = lambda s: world_eval(s.params["policy"], int(s.step), reference=(lm, s.extra["ref"]))
+
+    def evaluate(s):
+      # The frozen reward model's score of the eval samples: proxy vs gold reward shows
+      # over-optimization (Gao et al. 2022).
+      proxy = lambda samples: score_samples(reward_model, s.extra["reward"], samples, int(cfg.eval.batch_size))
+      return world_eval(s.params["policy"], int(s.step), reference=(lm, s.extra["ref"]), proxy=proxy)
   tokens = int(cfg.train.batch_size) * (int(pcfg.prompt_len) + int(pcfg.max_new_tokens))
   return Run(name="ppo", state=state, train_step=step, batches=ArraysOnly(prompts), evaluate=evaluate,
              tokens_per_batch=tokens, total_steps=int(cfg.train.steps))

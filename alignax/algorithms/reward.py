@@ -13,6 +13,8 @@ agreement with the gold labeler on pairs of fresh SFT samples (`eval/gold_agreem
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,9 +135,14 @@ class RewardEval:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _reward_fn(model):
+  return jax.jit(lambda p, a, b, c, d: rollout_rewards(model, p, a, b, c, d))
+
+
 def score_samples(model, params, samples: evaluation.Samples, batch_size: int) -> np.ndarray:
   """Rewards [n] of sampled responses, in fixed-size batches."""
-  fn = jax.jit(lambda p, a, b, c, d: rollout_rewards(model, p, a, b, c, d))
+  fn = _reward_fn(model)
   out = []
   n = len(samples.texts)
   for start in range(0, n, batch_size):

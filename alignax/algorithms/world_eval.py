@@ -40,8 +40,9 @@ class WorldEvaluator:
     self.greedy = Sampler(lm, tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=n_new))
     self.batch_size = int(cfg.eval.batch_size)
 
-  def __call__(self, params, step: int, reference=None) -> dict[str, float]:
-    """World metrics of fresh samples; with `reference` (lm, params) also `kl_to_reference`."""
+  def __call__(self, params, step: int, reference=None, proxy=None) -> dict[str, float]:
+    """World metrics of fresh samples; with `reference` (lm, params) also `kl_to_reference`; with
+    `proxy` (a function of Samples -> [n] reward-model scores) also `proxy_reward`."""
     key = jax.random.fold_in(jax.random.key(int(self.cfg.seed) + 1), step)
     samples = evaluation.sample_prompts(self.sampler, params, [r["prompt"] for r in self.records],
                                         key, fmt=self.fmt, batch_size=self.batch_size)
@@ -50,6 +51,8 @@ class WorldEvaluator:
       ref_lm, ref_params = reference
       ref_lp = evaluation.reference_logprobs(ref_lm, ref_params, samples, self.batch_size)
       metrics["kl_to_reference"] = evaluation.sequence_kl(samples, ref_lp)
+    if proxy is not None:
+      metrics["proxy_reward"] = float(np.mean(proxy(samples)))
     if self.cfg.eval.showcase:
       self.write_showcase(params, step)
     return metrics
