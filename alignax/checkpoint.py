@@ -197,7 +197,7 @@ def has_export(workdir: str) -> bool:
 
 
 def save_export(workdir: str, params, *, model: ModelConfig, stage: str, tokenizer: str,
-                extra: dict | None = None) -> str:
+                extra: dict | None = None, chat_template: str = "markers") -> str:
   """Writes params (as a plain nested dict) and `export.json`; all processes call this.
 
   `export.json` is written last, so its presence marks a complete export.
@@ -210,7 +210,8 @@ def save_export(workdir: str, params, *, model: ModelConfig, stage: str, tokeniz
     ckptr.save(os.path.join(path, "params"), pure)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    meta = {"stage": stage, "tokenizer": tokenizer, "model": _model_dict(model), "extra": extra or {},
+    meta = {"stage": stage, "tokenizer": tokenizer, "chat_template": chat_template,
+            "model": _model_dict(model), "extra": extra or {},
             "versions": library_versions(), "time": time.time()}
     tmp = os.path.join(path, "export.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:

@@ -53,6 +53,7 @@ def base_config(stage: str, preset: str = "tiny") -> ConfigDict:
   c.data.loader = "tfds"  # "tfds" (array_record datasets read by grain) or "memory"
   c.data.tfds_dir = ""  # where TFDS datasets are built; "" = $ALIGNAX_DATA_DIR or ~/.cache/alignax/tfds
   c.data.eval_records = 256  # with data.source="files" and no eval_files: hold out this many records
+  c.data.chat_template = "markers"  # "markers" (role tokens) or "plain" ("User: ...\nAssistant: ...")
 
   c.optimizer = ConfigDict()
   c.optimizer.lr = 1e-3
@@ -122,6 +123,7 @@ def validate_common(cfg: ConfigDict) -> ModelConfig:
          "must name at least one file when data.source='files'")
   _one_of(cfg, "data.bad_records", ("error", "skip"))
   _one_of(cfg, "data.loader", ("tfds", "memory"))
+  _one_of(cfg, "data.chat_template", ("markers", "plain"))
   _one_of(cfg, "optimizer.schedule", ("cosine", "linear", "constant"))
   _check(cfg.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {cfg.optimizer.lr}")
   _check(0 <= cfg.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")

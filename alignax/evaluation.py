@@ -48,9 +48,9 @@ class Samples:
     return self.mask.sum(axis=1)
 
 
-def prompt_ids(tok, prompt, fmt: str = "chat") -> list[int]:
+def prompt_ids(tok, prompt, fmt: str = "chat", template: str = "markers") -> list[int]:
   if fmt == "chat":
-    return encode_prompt(tok, prompt)
+    return encode_prompt(tok, prompt, template=template)
   if fmt == "raw":
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
     return [tok.bos_id] + tok.encode(text + "\n")
@@ -58,10 +58,10 @@ def prompt_ids(tok, prompt, fmt: str = "chat") -> list[int]:
 
 
 def sample_prompts(sampler: Sampler, params, prompts: Sequence, key: jax.Array, *, fmt: str = "chat",
-                   batch_size: int = 32) -> Samples:
+                   batch_size: int = 32, template: str = "markers") -> Samples:
   """Samples one response per prompt, in fixed-size batches (the last one padded by repeating
   prompts, whose outputs are dropped), so one compile serves any number of prompts."""
-  ids = [prompt_ids(sampler.tokenizer, p, fmt) for p in prompts]
+  ids = [prompt_ids(sampler.tokenizer, p, fmt, template) for p in prompts]
   # One bucket for the whole set, so every batch has the same shape.
   p_tokens, p_mask = sampler.pad_prompts(ids)
   parts = []

@@ -41,8 +41,8 @@ def stage_config(cfg, name: str) -> ConfigDict:
     for key in SHARED:
       scfg[key] = cfg[key]
     scfg.world = copy.deepcopy(cfg.world)
-    scfg.data.loader = cfg.data.loader
-    scfg.data.tfds_dir = cfg.data.tfds_dir
+    for key in ("loader", "tfds_dir", "chat_template"):
+      scfg.data[key] = cfg.data[key]
     for field, upstream in UPSTREAM.get(name, {}).items():
       scfg[field].workdir = os.path.join(cfg.workdir, upstream)
       scfg[field].run_if_missing = False  # the pipeline runs stages in order itself

@@ -86,9 +86,10 @@ def evaluate_models(cfg, names) -> tuple[dict, dict]:
     return samplers[lm]
 
   sampler, _ = samplers_for(sft_lm)
+  template = ckpt_lib.read_export_meta(sft_dir).get("chat_template", "markers")
   # An independent SFT sample set: the baseline every model's win rate is measured against.
   baseline = evaluation.sample_prompts(sampler, sft_params, prompts, jax.random.fold_in(key, 999),
-                                       batch_size=bs)
+                                       batch_size=bs, template=template)
   baseline_gold = evaluation.gold_scores(prompts, baseline.texts, baseline.ended)
   results, showcase = {}, {}
   for i, (name, stage, fmt) in enumerate(MODELS):
@@ -98,7 +99,7 @@ def evaluate_models(cfg, names) -> tuple[dict, dict]:
     lm, params = load_lm(workdir)
     sampler, greedy = samplers_for(lm)
     samples = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, i), fmt=fmt,
-                                        batch_size=bs)
+                                        batch_size=bs, template=template)
     metrics = evaluation.world_metrics(records, samples)
     gold = evaluation.gold_scores(prompts, samples.texts, samples.ended)
     metrics["win_rate_vs_sft"] = evaluation.win_rate(gold, baseline_gold)
@@ -107,7 +108,7 @@ def evaluate_models(cfg, names) -> tuple[dict, dict]:
     metrics["num_prompts"] = len(prompts)
     results[name] = metrics
     shown = evaluation.sample_prompts(greedy, params, list(SHOWCASE_PROMPTS), jax.random.key(0), fmt=fmt,
-                                      batch_size=len(SHOWCASE_PROMPTS))
+                                      batch_size=len(SHOWCASE_PROMPTS), template=template)
     showcase[name] = shown.texts
   return results, showcase
 
@@ -238,7 +239,7 @@ def eval_main(flags) -> dict:
   from alignax.algorithms.world_eval import eval_prompt_records
   from alignax.config import base_config, read_config
   from alignax.data.sources import resolve_tokenizer
-  from alignax.generation.cli import RAW_STAGES, load_policy
+  from alignax.generation.cli import RAW_STAGES, chat_template_of, load_policy
   lm, params, stage, tokenizer_spec = load_policy(flags.workdir)
   try:
     cfg = read_config(flags.workdir)
@@ -259,7 +260,8 @@ def eval_main(flags) -> dict:
   fmt = "raw" if stage in RAW_STAGES else "chat"
   sampler = Sampler(lm, tok, SamplingConfig(temperature=1.0, max_new_tokens=int(cfg.eval.max_new_tokens)))
   samples = evaluation.sample_prompts(sampler, params, [r["prompt"] for r in records],
-                                      jax.random.key(flags.seed), fmt=fmt, batch_size=32)
+                                      jax.random.key(flags.seed), fmt=fmt, batch_size=32,
+                                      template=chat_template_of(flags.workdir))
   metrics = evaluation.world_metrics(records, samples)
   if flags.reference:
     ref_lm, ref_params, _, _ = load_policy(flags.reference)

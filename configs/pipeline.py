@@ -6,7 +6,7 @@
 
 Each stage is the stage's own config (`configs/<stage>.py`, same preset) under its name here, so
 any of its keys can be overridden (`--config.sft.train.steps=200`). `seed`, `tokenizer`, `world`
-and `data.loader`/`data.tfds_dir` are shared: set them here, not per stage. Stage i runs in
+and `data.loader`/`data.tfds_dir`/`data.chat_template` are shared: set them here, not per stage. Stage i runs in
 WORKDIR/<stage> from the export of the stage before it; a finished stage (one with an export) is
 not rerun, so the command resumes where it stopped.
 """
@@ -32,7 +32,7 @@ def get_config(preset: str | None = None):
   c.seed = 0
   c.tokenizer = "bytes"
   c.world = world_section()
-  c.data = ConfigDict(dict(loader="tfds", tfds_dir=""))
+  c.data = ConfigDict(dict(loader="tfds", tfds_dir="", chat_template="markers"))
   c.stages = ",".join(STAGES)  # which stages to run, in order
   for name in STAGES:
     c[name] = _stage(name, preset)

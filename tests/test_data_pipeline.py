@@ -454,3 +454,21 @@ def test_preference_extra_fields_are_validated():
     validate("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_ended": "yes"})
   with pytest.raises(DataError, match="'margin' must be finite"):
     validate("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": float("nan")})
+
+
+def test_plain_chat_template_masks_only_assistant_text():
+  tok = ByteTokenizer()
+  records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                           {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
+                           {"role": "assistant", "content": "Bye."}]}]
+  b = next(pipeline.sft_pipeline(records, tok, batch_size=1, seq_len=96, shuffle=False,
+                                 chat_template="plain"))
+  ids = [int(t) for t, s in zip(b["tokens"][0], b["segment_ids"][0]) if s]
+  assert tok.decode(ids, skip_special=False) == (
+      "<bos>System: Be brief.\nUser: Hi?\nAssistant: Hello.<eos>\nUser: Bye?\nAssistant: Bye.<eos>\n")
+  targets = [int(t) for t, m in zip(b["tokens"][0], b["loss_mask"][0]) if m > 0]
+  assert tok.decode(targets, skip_special=False) == "Hello.<eos>Bye.<eos>"
+  arrays, _ = next(pipeline.prompts_pipeline([{"prompt": "Hi?"}], tok, batch_size=1, prompt_len=32,
+                                             chat_template="plain"))
+  prompt = [int(t) for t, m in zip(arrays["tokens"][0], arrays["mask"][0]) if m]
+  assert tok.decode(prompt, skip_special=False) == "<bos>User: Hi?\nAssistant: "

@@ -244,7 +244,8 @@ def build_run(ctx: StageContext) -> Run:
   kto = dcfg.loss_type == "kto"
   splits = sources.split_sources(cfg, "preference")
   batch = process_batch_size(int(cfg.train.batch_size))
-  common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), bad_records=cfg.data.bad_records)
+  common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), bad_records=cfg.data.bad_records,
+                chat_template=cfg.data.chat_template)
   if kto:
     if cfg.data.source == "world":
       splits = {k: (pairs_to_unpaired(v) if v is not None else None) for k, v in splits.items()}
@@ -289,8 +290,8 @@ def build_run(ctx: StageContext) -> Run:
 
 def export(ctx: StageContext, state) -> None:
   ckpt_lib.save_export(ctx.cfg.workdir, state.params, model=ctx.model, stage="dpo",
-                       tokenizer=ctx.cfg.tokenizer, extra={"loss_type": ctx.cfg.dpo.loss_type,
-                                                           "beta": float(ctx.cfg.dpo.beta)})
+                       tokenizer=ctx.cfg.tokenizer, chat_template=ctx.cfg.data.chat_template,
+                       extra={"loss_type": ctx.cfg.dpo.loss_type, "beta": float(ctx.cfg.dpo.beta)})
 
 
 def train(cfg: ConfigDict):

@@ -218,6 +218,7 @@ def build_run(ctx: StageContext) -> Run:
   batch = process_batch_size(int(cfg.train.batch_size))
   prompts = pipeline.prompts_pipeline(records, ctx.tokenizer, batch_size=batch,
                                       prompt_len=int(pcfg.prompt_len), bad_records=cfg.data.bad_records,
+                                      chat_template=cfg.data.chat_template,
                                       shuffle=True, seed=int(cfg.seed), num_epochs=None, **shard_args())
   lm, abstract = abstract_lm(ctx.model)
   sft_params, _ = ckpt_lib.load_export(cfg.init.workdir, abstract, ctx.placement.state_sharding(abstract))
@@ -249,6 +250,7 @@ def build_run(ctx: StageContext) -> Run:
 def export(ctx: StageContext, state) -> None:
   ckpt_lib.save_export(ctx.cfg.workdir, state.params["policy"], model=ctx.model, stage="ppo",
                        tokenizer=ctx.cfg.tokenizer,
+                       chat_template=ctx.cfg.data.chat_template,
                        extra={"kl_coef": float(np.asarray(jax.device_get(state.extra["kl_coef"])))})
 
 

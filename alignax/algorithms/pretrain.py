@@ -86,7 +86,8 @@ def build_run(ctx: StageContext) -> Run:
 
 def export(ctx: StageContext, state) -> None:
   ckpt_lib.save_export(ctx.cfg.workdir, state.params, model=ctx.model, stage="pretrain",
-                       tokenizer=ctx.cfg.tokenizer)
+                       tokenizer=ctx.cfg.tokenizer,
+                       chat_template=ctx.cfg.data.chat_template)
 
 
 def train(cfg: ConfigDict):

@@ -112,8 +112,11 @@ class RewardEval:
       prompts = [r["prompt"] for r in records]
       bs = int(self.ctx.cfg.eval.batch_size)
       key = jax.random.key(int(self.ctx.cfg.seed) + 3)
-      a = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, 0), batch_size=bs)
-      b = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, 1), batch_size=bs)
+      template = self.ctx.cfg.data.chat_template
+      a = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, 0), batch_size=bs,
+                                    template=template)
+      b = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, 1), batch_size=bs,
+                                    template=template)
       gold_a = evaluation.gold_scores(prompts, a.texts, a.ended)
       gold_b = evaluation.gold_scores(prompts, b.texts, b.ended)
       self._pairs = (a, b, gold_a, gold_b)
@@ -166,7 +169,7 @@ def build_run(ctx: StageContext) -> Run:
   splits = sources.split_sources(cfg, "preference")
   batch = process_batch_size(int(cfg.train.batch_size))
   common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), bad_records=cfg.data.bad_records,
-                **shard_args())
+                chat_template=cfg.data.chat_template, **shard_args())
   train_iter = pipeline.preference_pipeline(splits["train"], ctx.tokenizer, seed=int(cfg.seed),
                                             num_epochs=None, **common)
   eval_batches = []
@@ -213,7 +216,7 @@ def normalization(ctx: StageContext, params) -> dict[str, float]:
   sampler = Sampler(sft_lm, ctx.tokenizer, SamplingConfig(temperature=1.0,
                                                           max_new_tokens=int(cfg.eval.max_new_tokens)))
   samples = evaluation.sample_prompts(sampler, sft_params, prompts, jax.random.key(int(cfg.seed) + 7),
-                                      batch_size=int(cfg.eval.batch_size))
+                                      batch_size=int(cfg.eval.batch_size), template=cfg.data.chat_template)
   raw = score_samples(model, params, samples, int(cfg.eval.batch_size))
   mean, std = float(raw.mean()), float(raw.std())
   gain = 1.0 / max(std, 1e-6)
@@ -235,7 +238,8 @@ def export(ctx: StageContext, state) -> None:
       params["head_b"] = params["head_b"].replace(params["head_b"][...] * extra["norm_gain"]
                                                   + extra["norm_bias"])
   ckpt_lib.save_export(ctx.cfg.workdir, params, model=ctx.model, stage="reward",
-                       tokenizer=ctx.cfg.tokenizer, extra=extra)
+                       tokenizer=ctx.cfg.tokenizer,
+                       chat_template=ctx.cfg.data.chat_template, extra=extra)
 
 
 def load_reward_model(workdir: str, placement=None):

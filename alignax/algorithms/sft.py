@@ -44,7 +44,8 @@ def build_run(ctx: StageContext) -> Run:
   splits = sources.split_sources(cfg, "sft")
   batch = process_batch_size(int(cfg.train.batch_size))
   common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), packed=bool(cfg.data.packing),
-                too_long=cfg.data.too_long, bad_records=cfg.data.bad_records, **shard_args())
+                too_long=cfg.data.too_long, bad_records=cfg.data.bad_records,
+                chat_template=cfg.data.chat_template, **shard_args())
   train_iter = pipeline.sft_pipeline(splits["train"], ctx.tokenizer, seed=int(cfg.seed), num_epochs=None,
                                      **common)
   eval_batches = []
@@ -74,7 +75,8 @@ def build_run(ctx: StageContext) -> Run:
 
 def export(ctx: StageContext, state) -> None:
   ckpt_lib.save_export(ctx.cfg.workdir, state.params, model=ctx.model, stage="sft",
-                       tokenizer=ctx.cfg.tokenizer)
+                       tokenizer=ctx.cfg.tokenizer,
+                       chat_template=ctx.cfg.data.chat_template)
 
 
 def train(cfg: ConfigDict):

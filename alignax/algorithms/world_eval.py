@@ -39,13 +39,15 @@ class WorldEvaluator:
                                                          max_new_tokens=n_new))
     self.greedy = Sampler(lm, tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=n_new))
     self.batch_size = int(cfg.eval.batch_size)
+    self.template = cfg.data.get("chat_template", "markers")
 
   def __call__(self, params, step: int, reference=None, proxy=None) -> dict[str, float]:
     """World metrics of fresh samples; with `reference` (lm, params) also `kl_to_reference`; with
     `proxy` (a function of Samples -> [n] reward-model scores) also `proxy_reward`."""
     key = jax.random.fold_in(jax.random.key(int(self.cfg.seed) + 1), step)
     samples = evaluation.sample_prompts(self.sampler, params, [r["prompt"] for r in self.records],
-                                        key, fmt=self.fmt, batch_size=self.batch_size)
+                                        key, fmt=self.fmt, batch_size=self.batch_size,
+                                        template=self.template)
     metrics = evaluation.world_metrics(self.records, samples)
     if reference is not None:
       ref_lm, ref_params = reference
@@ -59,7 +61,8 @@ class WorldEvaluator:
 
   def write_showcase(self, params, step: int) -> str:
     shown = evaluation.sample_prompts(self.greedy, params, list(SHOWCASE_PROMPTS), jax.random.key(0),
-                                      fmt=self.fmt, batch_size=len(SHOWCASE_PROMPTS))
+                                      fmt=self.fmt, batch_size=len(SHOWCASE_PROMPTS),
+                                      template=self.template)
     table = evaluation.sample_table(SHOWCASE_PROMPTS, {f"step {step} (greedy)": shown.texts})
     if self.writer is not None and self.writer.enabled:
       self.writer.write_text(step, "samples", table)

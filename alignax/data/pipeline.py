@@ -7,6 +7,9 @@ Every pipeline has the same spine (grain for reading, shuffling, mapping, packin
   --pack (grain FirstFitPackIterDataset) or one example per row--> --batch(B)-->
   --fixed batches: a short last batch is padded with empty rows or dropped, and counted-->
 
+Conversations (SFT, preference, unpaired, prompts) go through `chat_template` ("markers", the
+default, or "plain"; see `alignax.data.chat`).
+
 `source` is anything with `len()` and `[i]` giving a record dict: a list (e.g. from
 `readers.read_records` or `World.splits()`), or a TFDS data source from `tfds_builders`.
 
@@ -329,15 +332,16 @@ def _packed_to_contract(batch: Batch) -> Batch:
 
 
 def _prompt_and_response(tok: Tokenizer, prompt: list, response: list, seq_len: int,
-                         max_prompt_len: int | None, ended: bool = True):
+                         max_prompt_len: int | None, ended: bool = True,
+                         template: str = "markers"):
   """(ids [<= T] int32, loss mask [<= T] float32, prompt length, full length) of prompt +
   response, cut to `seq_len`; the mask is on the response's assistant text and eos only.
   `ended=False` drops the final `<eos>` (a response that was cut off before ending).
   Returns a skip marker instead when the prompt leaves no room for a response token."""
   # The prompt as a generator would see it: the conversation so far plus the role marker that
   # opens the response (what `chat.encode_prompt` gives for a single-turn response).
-  n_prompt = len(chat.encode_chat(tok, prompt)[0]) + 1
-  ids, mask = chat.encode_chat(tok, prompt + response)
+  n_prompt = len(chat.encode_chat(tok, prompt, add_generation_prompt=True, template=template)[0])
+  ids, mask = chat.encode_chat(tok, prompt + response, template=template)
   if not ended:
     ids, mask = ids[:-1], mask[:-1]
   mask = np.asarray(mask, np.float32)
@@ -528,7 +532,8 @@ def sft_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
                  bad_records: str = "error", num_packing_bins: int | None = None,
                  shuffle: bool = True, seed: int = 0, num_epochs: int | None = 1,
                  shard_index: int = 0, shard_count: int = 1, drop_remainder: bool = False,
-                 read_threads: int = 0) -> DataIterator:
+                 read_threads: int = 0,
+                 chat_template: str = "markers") -> DataIterator:
   """SFT: conversations -> chat template (loss on assistant text + eos) -> packed or padded rows.
 
   Args:
@@ -551,7 +556,7 @@ def sft_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
     raise DataError(f"too_long must be one of {TOO_LONG_POLICIES}, got {too_long!r}")
 
   def encode(rec: dict) -> Example:
-    ids, mask = chat.encode_chat(tok, rec["messages"])
+    ids, mask = chat.encode_chat(tok, rec["messages"], template=chat_template)
     ex: Example = {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.float32)}
     if len(ids) <= seq_len:
       return ex
@@ -582,7 +587,8 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
                         max_prompt_len: int | None = None, bad_records: str = "error",
                         shuffle: bool = True, seed: int = 0, num_epochs: int | None = 1,
                         shard_index: int = 0, shard_count: int = 1,
-                        drop_remainder: bool = False, read_threads: int = 0) -> DataIterator:
+                        drop_remainder: bool = False, read_threads: int = 0,
+                        chat_template: str = "markers") -> DataIterator:
   """Preference pairs -> {"chosen": LM batch, "rejected": LM batch, "valid" [B]}.
 
   Each side is prompt + response through the chat template, one sequence per row,
@@ -610,7 +616,8 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
                 bad_records=bad_records)
 
   def side(prompt, response, ended=True):
-    out = _prompt_and_response(tok, prompt, response, seq_len, max_prompt_len, ended=ended)
+    out = _prompt_and_response(tok, prompt, response, seq_len, max_prompt_len, ended=ended,
+                               template=chat_template)
     if isinstance(out, dict):
       return out, 0, 0
     ids, mask, _, n_full = out
@@ -661,7 +668,8 @@ def unpaired_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
                       max_prompt_len: int | None = None, bad_records: str = "error",
                       shuffle: bool = True, seed: int = 0, num_epochs: int | None = 1,
                       shard_index: int = 0, shard_count: int = 1,
-                      drop_remainder: bool = False, read_threads: int = 0) -> DataIterator:
+                      drop_remainder: bool = False, read_threads: int = 0,
+                      chat_template: str = "markers") -> DataIterator:
   """Unpaired (KTO) {prompt, completion, label} -> LM batch + label, one sequence per row.
 
   Returns:
@@ -674,7 +682,8 @@ def unpaired_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
                 bad_records=bad_records)
 
   def encode(rec: dict) -> Example:
-    out = _prompt_and_response(tok, rec["prompt"], rec["completion"], seq_len, max_prompt_len)
+    out = _prompt_and_response(tok, rec["prompt"], rec["completion"], seq_len, max_prompt_len,
+                               template=chat_template)
     if isinstance(out, dict):
       return out
     ids, mask, _, n_full = out
@@ -700,7 +709,8 @@ def unpaired_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
 def prompts_pipeline(source, tok: Tokenizer, *, batch_size: int, prompt_len: int,
                      bad_records: str = "error", shuffle: bool = False, seed: int = 0,
                      num_epochs: int | None = 1, shard_index: int = 0, shard_count: int = 1,
-                     drop_remainder: bool = False, read_threads: int = 0) -> PromptIterator:
+                     drop_remainder: bool = False, read_threads: int = 0,
+                     chat_template: str = "markers") -> PromptIterator:
   """Prompts for generation (RL rollouts, evaluation): left-padded ids ending in <|assistant|>.
 
   A prompt longer than `prompt_len` tokens is a prompt_too_long bad record (`bad_records`).
@@ -719,7 +729,7 @@ def prompts_pipeline(source, tok: Tokenizer, *, batch_size: int, prompt_len: int
                 bad_records=bad_records)
 
   def encode(rec: dict) -> Example:
-    ids = chat.encode_prompt(tok, rec["prompt"])
+    ids = chat.encode_prompt(tok, rec["prompt"], template=chat_template)
     if len(ids) > prompt_len:
       return _skip(PROMPT_TOO_LONG,
                    f"prompt is {len(ids)} tokens, longer than prompt_len {prompt_len}")

@@ -21,6 +21,16 @@ from alignax.models import abstract_lm
 RAW_STAGES = ("pretrain", "import")
 
 
+def chat_template_of(workdir: str) -> str:
+  """The chat template a run was trained with (its export, else its config)."""
+  if ckpt_lib.has_export(workdir):
+    return ckpt_lib.read_export_meta(workdir).get("chat_template", "markers")
+  try:
+    return read_config(workdir).data.get("chat_template", "markers")
+  except Exception:  # no config.json (an imported run)
+    return "markers"
+
+
 def load_policy(workdir: str):
   """(LanguageModel, params, stage, tokenizer spec) of a run directory, export first."""
   if ckpt_lib.has_export(workdir):
@@ -69,7 +79,8 @@ def sample_main(flags) -> None:
                                             top_p=flags.top_p, max_new_tokens=flags.max_new_tokens))
   key = jax.random.key(flags.seed)
   repeated = [p for p in prompts for _ in range(flags.num_samples)]
-  out = sample_prompts(sampler, params, repeated, key, fmt=fmt, batch_size=len(repeated))
+  out = sample_prompts(sampler, params, repeated, key, fmt=fmt, batch_size=len(repeated),
+                       template=chat_template_of(flags.workdir))
   print(f"# {flags.workdir} ({stage}, {fmt} prompts, temperature {flags.temperature})")
   for prompt, text, ended in zip(repeated, out.texts, out.ended):
     print(f"> {prompt}\n{text}{'' if ended else ' [no <eos>]'}\n")
