@@ -69,6 +69,36 @@ SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "hea
               "param_dtype")
 
 
+def gather_data_states(state: dict) -> dict:
+  """Every process's data-iterator state, as {"per_process": [state_0, state_1, ...]}.
+
+  Each process reads its own shard, so each has its own iterator state; orbax's JSON item is
+  written once, so the states are gathered (as JSON bytes) to every process first.
+  """
+  if jax.process_count() == 1:
+    return {"per_process": [state]}
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64))).reshape(-1)
+  size = int(sizes.max())
+  padded = np.zeros(size, np.uint8)
+  padded[: raw.size] = raw
+  rows = multihost_utils.process_allgather(padded).reshape(len(sizes), size)
+  return {"per_process": [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, sizes)]}
+
+
+def own_data_state(saved: dict) -> dict:
+  """This process's iterator state from a checkpoint's data item."""
+  if "per_process" not in saved:  # a single-state item
+    return saved
+  states = saved["per_process"]
+  if len(states) != jax.process_count():
+    raise CheckpointError(f"the checkpoint holds data-iterator states of {len(states)} processes, "
+                          f"this run has {jax.process_count()}: resuming exactly needs the same "
+                          "number of processes (or --config.train.resume=False)")
+  return states[jax.process_index()]
+
+
 class Checkpointer:
   """Saves and restores a run's state under `WORKDIR/checkpoints`.
 
@@ -147,7 +177,7 @@ class Checkpointer:
         errors.append(msg.splitlines()[0])
         continue
       if batches is not None and restored.data is not None:
-        batches.set_state(restored.data)
+        batches.set_state(own_data_state(restored.data))
       if errors:
         logging.warning("using checkpoint step %d instead of the damaged later step(s)", s)
       logging.info("restored checkpoint step %d from %s", s, self.directory)
@@ -164,7 +194,8 @@ class Checkpointer:
       logging.error("not saving step %d: the run halted on a non-finite step %d; the last good "
                     "checkpoint is step %s", step, halted, self.last_saved)
       return False
-    data_state = batches.get_state() if batches is not None and hasattr(batches, "get_state") else {}
+    data_state = gather_data_states(batches.get_state() if batches is not None and
+                                    hasattr(batches, "get_state") else {})
     meta = {"step": int(step), "wall_time": time.time(), "elapsed_seconds": time.time() - self._t0,
             "versions": library_versions()}
     self.manager.save(step, args=ocp.args.Composite(

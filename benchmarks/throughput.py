@@ -4,6 +4,8 @@
   python benchmarks/throughput.py --config=configs/pretrain.py:gpt2_small --config.model.dtype=bfloat16
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/throughput.py \
       --config=configs/pretrain.py:standard --config.parallel.mesh.fsdp=8 --config.parallel.mesh.data=1
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/throughput.py \
+      --config=configs/pretrain.py:standard --config.parallel.mode=pmap
 
 Times the jitted, donated train step on synthetic tokens (compilation excluded; median of
 repeated steps), counts FLOPs as 6N per token plus attention, and divides by a matmul peak
@@ -85,7 +87,7 @@ def benchmark(cfg, steps: int = 10) -> dict:
     pass
   return {
       "preset": cfg.preset, "platform": platform, "device_kind": jax.devices()[0].device_kind,
-      "devices": devices, "mesh": parallel.describe(placement.mesh), "mode": cfg.parallel.mode,
+      "devices": devices, "mesh": parallel.describe(placement), "mode": cfg.parallel.mode,
       "params": int(model_cfg.num_params()), "dtype": model_cfg.dtype, "remat": model_cfg.remat,
       "batch": b, "seq_len": t, "accum_steps": int(cfg.train.accum_steps),
       "compile_seconds": compile_s, "step_seconds_median": median, "step_seconds": times,

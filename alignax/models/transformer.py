@@ -22,8 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignax.models.config import ModelConfig
+from alignax.parallel import constrain
 
 Array = jax.Array
+RESIDUAL_AXES = ("batch", "length", "act_embed")
 
 
 def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal", std: float | None = None):
@@ -196,10 +198,13 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, rngs)
 
   def __call__(self, x, positions, mask, kv_cache=None, cache_end=None):
+    # The residual stream is split by rows only at block boundaries: under FSDP this makes XLA
+    # gather weights rather than whole-batch activations (a no-op without a jit mesh).
+    x = constrain(x, RESIDUAL_AXES)
     a, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_end)
     x = x + a
     x = x + self.mlp(self.mlp_norm(x))
-    return x, kv_cache
+    return constrain(x, RESIDUAL_AXES), kv_cache
 
 
 def attention_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array) -> Array:

@@ -141,6 +141,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   def train_step(state: TrainState, batch):
     rng = state.step_rng()
     if axis_name is not None:
+      rows = jax.tree.leaves(batch)[0].shape[0]
+      if rows % accum_steps:
+        from alignax.config import ConfigError
+        raise ConfigError(f"config.train.accum_steps: {accum_steps} does not divide the {rows} rows "
+                          f"each device gets in parallel.mode='pmap' (train.batch_size / devices)")
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     total, count, grad_sum, metrics = accumulate_gradients(
         loss_fn, state.params, batch, rng, state.extra, accum_steps)

@@ -1,0 +1,195 @@
+"""One process of a multi-process (or emulated) run, for tests/test_multihost.py.
+
+  python tests/multihost_worker.py steps --port=P --process_id=I --num_processes=N --out=F \
+      [--layouts=NAME,...]
+      jax.distributed on localhost:P; trains the shared 5-step problem (`problem`) on the
+      LAYOUTS named (default all), this process feeding its rows of each global batch; process 0
+      writes {name: [loss, ...]} to F.
+  python tests/multihost_worker.py reference --shards=N -- --config=... [--config.key=v ...]
+      A single-process `alignax train` whose data iterators read N shards and concatenate them
+      in shard order: the global batches an N-process run assembles, as the reference its
+      metrics must match.
+
+Set XLA_FLAGS (device count) and JAX_PLATFORMS=cpu in the environment before starting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+B, T, STEPS = 16, 32, 5
+# name -> (parallel.mode, parallel.mesh): the layouts the single-process reference also runs.
+LAYOUTS = {
+    "data=8": ("jit", dict(data=8, fsdp=1, tensor=1)),
+    "fsdp=8": ("jit", dict(data=1, fsdp=8, tensor=1)),
+    "data=2 x fsdp=2 x tensor=2": ("jit", dict(data=2, fsdp=2, tensor=2)),
+    "pmap over 8": ("pmap", dict(data=8, fsdp=1, tensor=1)),
+}
+
+
+def problem():
+  """(model config, host params, optimizer, loss_fn, host batches): a small Llama, AdamW with
+  clipping, masked cross-entropy on 5 batches of 16 x 32 with uneven loss masks."""
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from alignax.losses.lm import masked_cross_entropy
+  from alignax.models import build_lm, llama_style
+  from alignax.train.optimizer import make_optimizer
+
+  model = llama_style(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=64)
+  lm, params = build_lm(model, 0)
+  params = jax.device_get(params)  # host copies: every layout starts from the same numbers
+  opt_cfg = ml_collections.ConfigDict(dict(
+      lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, warmup_steps=0,
+      schedule="constant", min_lr_ratio=0.1, decay_embeddings_and_norms=False))
+  optimizer = make_optimizer(opt_cfg, 100)
+
+  def loss_fn(p, batch, rng, extra):
+    logits, _ = lm.apply(p, batch["tokens"], batch["positions"], batch["segment_ids"])
+    return masked_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+
+  # The same (memorizable) tokens every step, so the loss falls; fresh masks every step. Rows
+  # keep 10%..90% of their targets: per-device token counts differ, so only sums and counts
+  # reduced before dividing give the 1-device loss.
+  tokens = np.random.default_rng(99).integers(0, model.vocab_size, (B, T)).astype(np.int32)
+  batches = []
+  for i in range(STEPS):
+    rng = np.random.default_rng(100 + i)
+    keep = rng.uniform(0.1, 0.9, (B, 1))
+    mask = (rng.random((B, T)) < keep).astype(np.float32)
+    mask[:, 0] = 0
+    batches.append(dict(tokens=tokens, positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+                        segment_ids=np.ones((B, T), np.int32), loss_mask=mask))
+  return model, params, optimizer, loss_fn, batches
+
+
+def train_losses(mode: str, mesh: dict, rows: slice | None = None, devices=None):
+  """Losses of STEPS steps of the shared train step on `mesh` in `mode`.
+
+  Args:
+    rows: this process's rows of each global batch (None: all of them).
+  Returns:
+    (losses, placement, final state).
+  """
+  import jax
+  import ml_collections
+
+  from alignax import parallel
+  from alignax.train.state import TrainState
+  from alignax.train.step import make_train_step
+
+  model, params, optimizer, loss_fn, batches = problem()
+  cfg = ml_collections.ConfigDict(dict(mode=mode, mesh=mesh))
+  placement = parallel.make_placement(cfg, model, B)
+  state = placement.put_state(TrainState.create(params, optimizer, jax.random.key(0)))
+  step = placement.jit_step(make_train_step(loss_fn, optimizer), state)
+  losses = []
+  for batch in batches:
+    if rows is not None:
+      batch = {k: v[rows] for k, v in batch.items()}
+    state, metrics = step(state, placement.put_batch(batch))
+    losses.append(float(metrics["loss"]))
+  return losses, placement, state
+
+
+def main_steps(args) -> None:
+  import jax
+  import ml_collections
+
+  from alignax import parallel
+
+  jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+  parallel.maybe_initialize_distributed(ml_collections.ConfigDict(dict(
+      coordinator=f"localhost:{args.port}", num_processes=args.num_processes,
+      process_id=args.process_id)))
+  n = B // jax.process_count()
+  rows = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+  names = args.layouts.split(",") if args.layouts else list(LAYOUTS)
+  results = {name: train_losses(*LAYOUTS[name], rows)[0] for name in names}
+  if jax.process_index() == 0:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(results, f)
+  jax.distributed.shutdown()
+
+
+class ConcatShards:
+  """Batches of N shard iterators concatenated in shard order (what N processes assemble)."""
+
+  def __init__(self, iterators):
+    self.iterators = iterators
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    import numpy as np
+    parts = [next(it) for it in self.iterators]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self):
+    return {"shards": [it.get_state() for it in self.iterators]}
+
+  def set_state(self, state):
+    for it, s in zip(self.iterators, state["shards"]):
+      it.set_state(s)
+
+  def stats(self):
+    return self.iterators[0].stats()  # process 0's counters: what an N-process run logs
+
+
+def main_reference(args, config_argv) -> None:
+  from absl import flags
+  from ml_collections import config_flags
+
+  from alignax.algorithms import run_stage
+  from alignax.data import pipeline
+
+  config = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+  flags.FLAGS([sys.argv[0]] + config_argv)
+  shards = args.shards
+
+  def sharded(make):
+    def wrapper(source, tok, *, batch_size, shard_index=0, shard_count=1, **kw):
+      assert shard_count == 1, "the reference runs in one process"
+      return ConcatShards([make(source, tok, batch_size=batch_size // shards, shard_index=i,
+                                shard_count=shards, **kw) for i in range(shards)])
+    return wrapper
+
+  for name in ("lm_pipeline", "sft_pipeline"):
+    setattr(pipeline, name, sharded(getattr(pipeline, name)))
+  run_stage(config.value)
+
+
+def main() -> None:
+  argv = sys.argv[1:]
+  config_argv = []
+  if "--" in argv:
+    i = argv.index("--")
+    argv, config_argv = argv[:i], argv[i + 1:]
+  parser = argparse.ArgumentParser()
+  parser.add_argument("command", choices=("steps", "reference"))
+  parser.add_argument("--port", type=int)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--out", default="")
+  parser.add_argument("--shards", type=int, default=2)
+  parser.add_argument("--layouts", default="", help="comma-separated names from LAYOUTS (default all)")
+  args = parser.parse_args(argv)
+  if args.command == "steps":
+    main_steps(args)
+  else:
+    main_reference(args, config_argv)
+
+
+if __name__ == "__main__":
+  main()
