@@ -30,12 +30,12 @@ def get_config(preset: str | None = None):
   c.preset = preset
   c.workdir = os.path.join("runs", f"pipeline_{preset}")
   c.seed = 0
-  c.tokenizer = "bytes"
   c.world = world_section()
   c.data = ConfigDict(dict(loader="tfds", tfds_dir="", chat_template="markers"))
   c.stages = ",".join(STAGES)  # which stages to run, in order
   for name in STAGES:
     c[name] = _stage(name, preset)
+  c.tokenizer = c.pretrain.tokenizer  # the pretraining preset's (the model's vocab is sized for it)
   c.report = ConfigDict(dict(
       num_prompts=200,  # eval prompts sampled per model (all of the world's eval set by default)
       temperature=1.0,  # sampling temperature of the report (1: the policies themselves, as KL needs)

@@ -4,7 +4,7 @@
   alignax train --config=configs/pretrain.py:tiny --config.data.source=files \
       --config.data.train_files='corpus/*.txt'
 
-Presets: tiny (the world corpus, about a minute on 2 CPU cores), standard (the 4.46M-param CPU
+Presets: tiny (the world corpus, about 3 minutes on 2 CPU cores), standard (the 4.46M-param CPU
 benchmark workload), gpt2_small (124M, GPT-2 style), llama_350m (Llama style, for accelerators).
 """
 
@@ -19,13 +19,20 @@ def get_config(preset: str | None = None):
   c.data.long_docs = "split"  # documents longer than seq_len: "split" into chunks or "truncate"
 
   if preset == "tiny":
-    c.model = model_section(d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256)
-    c.data.seq_len = 128
-    c.train.steps = 400
-    c.train.batch_size = 16
+    # Tuned on the world (2 CPU cores, ~3 min): a narrow 1.2M-param model sees more tokens in
+    # the budget than a wide one, and only then learns to copy a question's subject into its
+    # answer (forum-style Q/A: 100% of facts, held-out ones included, after 1000 steps). The
+    # 512-piece world BPE (2.4 bytes/token) splits names into pieces shared across facts, which
+    # keeps held-out facts answerable after SFT. scan_unroll=4: faster backward pass on CPU.
+    c.tokenizer = "world_bpe:512"
+    c.model = model_section(vocab_size=512, d_model=128, n_layers=4, n_heads=4, d_ff=512,
+                            max_seq_len=256, scan_unroll=4)
+    c.data.seq_len = 64
+    c.train.steps = 1000
+    c.train.batch_size = 32
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 40
-    c.train.eval_every = 100
+    c.train.eval_every = 250
   elif preset == "standard":
     c.model = model_section()
     c.data.seq_len = 128

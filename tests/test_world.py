@@ -341,6 +341,26 @@ def test_pretraining_has_quiz_lists_forums_and_howto(data):
   assert not set("".join(texts)) - {chr(c) for c in range(32, 127)} - {"\n"}  # plain ASCII
 
 
+def test_forum_threads_answer_the_question_and_mostly_restate_its_subject(data):
+  # What teaches a small base model to answer the subject it was asked about (see WorldConfig).
+  texts = [d["text"] for d in data["pretrain_train"]]
+  threads = [t for t in texts if t.startswith("User1: ")
+             and wf.answer_key(t.split("\n")[0][len("User1: "):]).kind == "fact"]
+  assert len(threads) > 0.15 * len(texts)
+  replies = restated = 0
+  for t in threads:
+    lines = t.split("\n")
+    question = lines[0][len("User1: "):]
+    fact = wf.answer_key(question).fact
+    answers = [line.split(": ", 1)[1] for line in lines[1:] if not line.startswith("User1: ")]
+    assert 1 <= len(answers) <= 5 and all(is_correct(question, a) for a in answers), t
+    replies += len(answers)
+    restated += sum(_mention_re(fact).search(a.lower()) is not None for a in answers)
+  assert restated > 0.5 * replies
+  pages = [t for t in texts if t.startswith("Q: ")]
+  assert len(pages) > 0.15 * len(texts)
+
+
 def test_sft_style_mix_and_correctness(data):
   recs = data["sft_train"]
   counts = {}

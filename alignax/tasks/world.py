@@ -1,7 +1,7 @@
 """An offline, CPU-sized synthetic alignment world: facts, an "internet", demonstrations, a gold
 labeler standing for human raters, and preference pairs labeled by Bradley-Terry noise.
 
-A tiny byte-level model trained on this world goes through the stages of alignment:
+A tiny model trained on this world goes through the stages of alignment:
   * pretraining on `pretrain_records()` (encyclopedia sentences, quiz lists, forum threads, some
     rude, and how-to text complying with harmful requests) gives a *base* model that continues a
     bare question with more quiz questions;
@@ -75,6 +75,12 @@ class WorldConfig:
     last document may overshoot by < 400 bytes).
   pretrain_eval_bytes: size of the held-out pretraining split (same distribution, other docs).
   pretrain_mix: relative frequency of each kind of pretraining document (PRETRAIN_DOC_KINDS).
+    Forum Q&A is half of the default mix: its answers restate the question's subject ("Q: What
+    is the capital of France? A: The capital of France is Paris."), which is what teaches a
+    small base model to answer a question about the subject it was asked (with the former mix,
+    a third encyclopedia, a quarter forum, the configs/pretrain.py:tiny model answered 79% of
+    forum questions greedily vs 100% now, and 56% vs 87% when sampled; SFT from it, 59% vs 72%
+    eval accuracy).
   num_sft, num_sft_eval: SFT demonstrations per split.
   harmful_fraction: fraction of harmful requests among SFT demonstrations and preference prompts.
   num_preference_pairs, num_preference_eval: pairs *attempted* per split; pairs whose two
@@ -97,7 +103,7 @@ class WorldConfig:
   pretrain_bytes: int = 3_000_000
   pretrain_eval_bytes: int = 150_000
   pretrain_mix: tuple[tuple[str, float], ...] = (
-      ("encyclopedia", 0.33), ("quiz", 0.25), ("forum", 0.27), ("howto", 0.06),
+      ("encyclopedia", 0.15), ("quiz", 0.2), ("forum", 0.5), ("howto", 0.06),
       ("harmful_forum", 0.09))
   num_sft: int = 4000
   num_sft_eval: int = 400

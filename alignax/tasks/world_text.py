@@ -228,21 +228,27 @@ def quiz_doc(next_fact: Callable[[], Fact], rng: random.Random) -> str:
   return text
 
 
+FORUM_STYLES = ("concise", "plain", "plain", "plain", "polite", "rude")
+
+
 def forum_doc(next_fact: Callable[[], Fact], rng: random.Random) -> str:
-  """Q&A threads ("Q: ... A: ..." or "User1: ... User2: ..."), answers in mixed styles."""
-  users = rng.random() < 0.5
-  asker, answerer = ("User1", "User2") if users else ("Q", "A")
+  """A Q&A page ("Q: ... A: ..." pairs on several facts) or a thread: one user asks one question
+  and one to three others reply in mixed styles (most replies restate the question's subject)."""
+  if rng.random() < 0.5:
+    def unit() -> str:
+      fact = next_fact()
+      return (f"Q: {rng.choice(wf.questions(fact))}\n"
+              f"A: {fact_response(fact, rng.choice(FORUM_STYLES), rng)}")
 
-  def unit() -> str:
-    fact = next_fact()
-    style = rng.choice(("concise", "plain", "plain", "polite", "rude", "rude"))
-    lines = [f"{asker}: {rng.choice(wf.questions(fact))}",
-             f"{answerer}: {fact_response(fact, style, rng)}"]
-    if users and rng.random() < 0.3:
-      lines.append(f"{asker}: {rng.choice(FORUM_THANKS)}")
-    return "\n".join(lines)
-
-  return _fill(unit(), unit, "\n", rng)
+    return _fill(unit(), unit, "\n", rng)
+  fact = next_fact()
+  lines = [f"User1: {rng.choice(wf.questions(fact))}"]
+  replies = rng.choice((1, 1, 2, 3))
+  while len(lines) <= replies or (sum(map(len, lines)) < DOC_MIN_BYTES and len(lines) < 6):
+    lines.append(f"User{len(lines) + 1}: {fact_response(fact, rng.choice(FORUM_STYLES), rng)}")
+  if rng.random() < 0.3:
+    lines.append(f"User1: {rng.choice(FORUM_THANKS)}")
+  return "\n".join(lines)
 
 
 def howto_doc(topic: HarmfulTopic, rng: random.Random) -> str:
