@@ -2,6 +2,7 @@
 
   alignax train     --config=configs/pretrain.py:tiny [--config.key=value ...]
   alignax pipeline  --config=configs/pipeline.py:tiny --config.workdir=DIR
+  alignax sweep     --config=configs/dpo.py:tiny --out=DIR --grid=dpo.beta=0.1,0.3 --grid=seed=0,1
   alignax sample    --workdir=DIR --prompt="What is the capital of France?"
   alignax eval      --workdir=DIR
   alignax data      world --out=DIR [--config=configs/pretrain.py:tiny]
@@ -113,6 +114,31 @@ def cmd_pipeline(prog: str, argv: list[str]) -> None:
   _run_with_config(prog, argv, main)
 
 
+def cmd_sweep(prog: str, argv: list[str]) -> None:
+  """One run per point of a grid of overrides, then a table of eval metrics over seeds."""
+  flags.DEFINE_string("out", None, "Sweep directory: one run directory per grid point.", required=True)
+  flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,... (repeat the flag; the grid is the product).")
+  flags.DEFINE_list("metrics", [], "eval metrics in the printed table (default: all), "
+                    "e.g. eval/gold_reward,eval/kl_to_reference.")
+
+  def main(cfg):
+    from alignax.sweep import format_table, run_sweep
+    if cfg is None:
+      _die("--config=FILE[:PRESET] is required")
+    _, summary, failed = run_sweep(cfg, flags.FLAGS.grid, flags.FLAGS.out)
+    known = {n for row in summary for n in row["metrics"]}
+    unknown = [n for n in flags.FLAGS.metrics if n not in known]
+    if unknown and summary:
+      _die(f"--metrics: unknown {', '.join(unknown)}; the runs logged: {', '.join(sorted(known))}")
+    print(format_table(summary, flags.FLAGS.metrics or None))
+    print(f"summary: {flags.FLAGS.out}/summary.json, {flags.FLAGS.out}/summary.csv")
+    for name, why in failed:
+      print(f"alignax: error: run {name} failed: {why}", file=sys.stderr)
+    if failed:
+      sys.exit(1)
+  _run_with_config(prog, argv, main)
+
+
 def cmd_sample(prog: str, argv: list[str]) -> None:
   """Prints completions from any stage's checkpoint."""
   flags.DEFINE_string("workdir", None, "A run directory (any stage).", required=True)
@@ -181,6 +207,7 @@ def cmd_import_hf(prog: str, argv: list[str]) -> None:
 COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
     "train": cmd_train,
     "pipeline": cmd_pipeline,
+    "sweep": cmd_sweep,
     "sample": cmd_sample,
     "eval": cmd_eval,
     "data": cmd_data,
