@@ -293,8 +293,8 @@ def test_block_boundary_constraints_make_fsdp_gather_weights_not_activations(mon
   original = transformer.Block.__call__
   axes = ("batch", "length", "act_embed")
 
-  def block(self, x, positions, mask, kv_cache=None, cache_end=None):
-    x, kv_cache = original(self, parallel.constrain(x, axes), positions, mask, kv_cache, cache_end)
+  def block(self, x, rotary, mask, kv_cache=None, cache_end=None):
+    x, kv_cache = original(self, parallel.constrain(x, axes), rotary, mask, kv_cache, cache_end)
     return parallel.constrain(x, axes), kv_cache
 
   def shapes(found):

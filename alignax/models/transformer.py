@@ -58,20 +58,23 @@ class Norm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary embedding in the half-split layout (as in Hugging Face Llama).
+def rotary_tables(positions: Array, dim: int, theta: float) -> tuple[Array, Array]:
+  """RoPE (cos, sin), each [B, T, 1, D] float32, in the half-split layout (as in Hugging Face Llama).
 
-  Args:
-    x: [B, T, H, D] queries or keys.
-    positions: [B, T] int positions.
+  Computed once per forward pass and shared by every layer (the angles depend only on positions).
   """
-  d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope(x: Array, rotary: tuple[Array, Array]) -> Array:
+  """Rotates [B, T, H, D] queries or keys by `rotary_tables` (x * cos + rotate_half(x) * sin)."""
+  cos, sin = rotary
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  return (xf * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
 
 
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -111,12 +114,12 @@ class Attention(nnx.Module):
     if cfg.use_bias:
       self.bo = _param(rngs, (d,), ("embed",), cfg, "zeros")
 
-  def __call__(self, x: Array, positions: Array, mask: Array, kv_cache=None, cache_end=None):
+  def __call__(self, x: Array, rotary, mask: Array, kv_cache=None, cache_end=None):
     """Attends over x (or over the cache with x's keys written into it).
 
     Args:
       x: [B, T, d] normalized inputs in compute dtype.
-      positions: [B, T] positions for RoPE.
+      rotary: `rotary_tables(...)` of x's positions, or None (no RoPE).
       mask: [B, T, S] bool, S = T without a cache, the cache length with one.
       kv_cache: None, or (k, v) each [B, K, S, Dh] for this layer (heads before slots: the
         layout the attention matmuls read without a transpose).
@@ -140,8 +143,8 @@ class Attention(nnx.Module):
     q = project(self.wq, self.bq if biased else None)
     k = project(self.wk, self.bk if biased else None)
     v = project(self.wv, self.bv if biased else None)
-    if cfg.position == "rope":
-      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    if rotary is not None:
+      q, k = rope(q, rotary), rope(k, rotary)
     if kv_cache is None:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
     else:
@@ -197,11 +200,11 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x, positions, mask, kv_cache=None, cache_end=None):
+  def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None):
     # The residual stream is split by rows only at block boundaries: under FSDP this makes XLA
     # gather weights rather than whole-batch activations (a no-op without a jit mesh).
     x = constrain(x, RESIDUAL_AXES)
-    a, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_end)
+    a, kv_cache = self.attn(self.attn_norm(x), rotary, mask, kv_cache, cache_end)
     x = x + a
     x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, RESIDUAL_AXES), kv_cache
@@ -262,11 +265,13 @@ class Transformer(nnx.Module):
       k_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
       mask = attention_mask(segment_ids, k_segments, end + jnp.arange(t), jnp.arange(k_segments.shape[1]))
 
+    rotary = (rotary_tables(positions, cfg.dim_per_head, cfg.rope_theta)
+              if cfg.position == "rope" else None)
     graphdef, stacked = nnx.split(self.blocks)
 
     def layer(x, layer_params, kv):
       block = nnx.merge(graphdef, layer_params)
-      return block(x, positions, mask, kv, None if cache is None else cache["end"])
+      return block(x, rotary, mask, kv, None if cache is None else cache["end"])
 
     if cfg.remat == "full":
       layer = jax.checkpoint(layer)
