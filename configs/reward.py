@@ -26,11 +26,15 @@ def get_config(preset: str | None = None):
   c.eval = eval_section()
   c.optimizer.weight_decay = 0.0
   if preset == "tiny":
-    c.data.seq_len = 128
-    c.train.steps = 150
-    c.train.batch_size = 16
-    c.train.eval_every = 50
-    c.optimizer.lr = 3e-4
+    # ~2 min on 2 CPU cores from the SFT tiny export: two passes over the world's 3.9k pairs reach
+    # 0.8 held-out accuracy against the gold order (0.73 after 150 steps of 16 at lr 3e-4).
+    # World pairs are <= 80 tokens in the world BPE, so 96 leaves room; eval covers all 400.
+    c.data.seq_len = 96
+    c.train.steps = 250
+    c.train.batch_size = 32
+    c.train.eval_every = 125
+    c.train.eval_batches = 13
+    c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 10
   elif preset == "standard":
     c.data.seq_len = 128

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -50,8 +52,13 @@ def test_pipeline_report_has_every_model_metric_and_plot(pipeline_dir):
 
 @pytest.mark.slow
 def test_rerunning_a_finished_pipeline_skips_every_stage(pipeline_dir):
-  proc = run_cli(*SMALL, f"--config.workdir={pipeline_dir}", timeout=900)
+  # Through experiments/pipeline.py, the script form of the same command.
+  proc = subprocess.run([sys.executable, "experiments/pipeline.py", *SMALL[1:],
+                         f"--config.workdir={pipeline_dir}"], cwd=REPO, env=cli_env(),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("finished earlier") == 5
+  assert "report: up to date" in proc.stdout
 
 
 @pytest.mark.slow
