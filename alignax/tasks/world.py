@@ -84,9 +84,11 @@ class WorldConfig:
   num_sft, num_sft_eval: SFT demonstrations per split.
   harmful_fraction: fraction of harmful requests among SFT demonstrations and preference prompts.
   num_preference_pairs, num_preference_eval: pairs *attempted* per split; pairs whose two
-    responses are the same text are dropped (and counted), so slightly fewer come out.
+    responses are the same text are dropped (and counted), so slightly fewer come out. 8000:
+    one pass over twice the pairs beats two passes over 4000 for the tiny reward model (0.82 vs
+    0.79 held-out accuracy against the gold order, same steps).
   label_temperature: Bradley-Terry noise temperature in gold-score units,
-    P(a > b) = sigmoid((g_a - g_b) / T). Measured on the default demo pairs (4000, seeds 0-4),
+    P(a > b) = sigmoid((g_a - g_b) / T). Measured on 4000 demo pairs (seeds 0-4),
     labels agree with the strict gold order (ties excluded, ~9% of pairs) 86.8% of the time at
     the default 0.75 (86.1-87.7% per seed); 0.5 gives 90.4%, 1.0 gives 83.8%; 0 is noiseless.
   num_eval_prompts: size of the eval prompt set (~30% held-out facts, 20% harmful requests in
@@ -108,7 +110,7 @@ class WorldConfig:
   num_sft: int = 4000
   num_sft_eval: int = 400
   harmful_fraction: float = 0.15
-  num_preference_pairs: int = 4000
+  num_preference_pairs: int = 8000
   num_preference_eval: int = 400
   label_temperature: float = 0.75
   num_eval_prompts: int = 200
