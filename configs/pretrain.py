@@ -23,10 +23,10 @@ def get_config(preset: str | None = None):
     # the budget than a wide one, and only then learns to copy a question's subject into its
     # answer (forum-style Q/A: 100% of facts, held-out ones included, after 1000 steps). The
     # 512-piece world BPE (2.4 bytes/token) splits names into pieces shared across facts, which
-    # keeps held-out facts answerable after SFT. scan_unroll=4: faster backward pass on CPU.
+    # keeps held-out facts answerable after SFT.
     c.tokenizer = "world_bpe:512"
     c.model = model_section(vocab_size=512, d_model=128, n_layers=4, n_heads=4, d_ff=512,
-                            max_seq_len=256, scan_unroll=4)
+                            max_seq_len=256)
     c.data.seq_len = 64
     c.train.steps = 1000
     c.train.batch_size = 32

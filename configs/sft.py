@@ -27,7 +27,6 @@ def get_config(preset: str | None = None):
     # of tokens that are never SFT targets (held-out facts' names) by ~lr every step, so fewer,
     # bigger steps keep held-out facts answerable.
     c.tokenizer = "world_bpe:512"  # must be the pretraining run's (the export's wins anyway)
-    c.model.scan_unroll = 4  # compute choice; shapes come from the export
     c.data.packing = True
     c.data.seq_len = 96
     c.train.steps = 250

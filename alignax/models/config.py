@@ -42,10 +42,15 @@ class ModelConfig:
     qkv_bias: biases on the q/k/v projections only (Qwen2); implied by use_bias.
     dtype: compute dtype of activations and matmuls.
     param_dtype: storage dtype of parameters.
-    remat: "none", "full" (recompute each block) or "dots" (save matmul outputs only).
+    remat: what the backward pass recomputes. "dots" (default): matmul outputs are saved, the
+      elementwise ops between them (norms, activations, softmax) are recomputed, so the layer
+      scan stacks far fewer [L, B*T, d_ff] residuals: on 2 CPU cores the standard model's
+      forward + backward takes 15% less time than with "none" (everything saved), the tiny
+      preset's 23% less, and every platform saves activation memory. "full" recomputes each
+      block from its input (least memory).
     scan_unroll: layers per iteration of the layer scan (1 = rolled: compile time flat in
-      depth; n_layers = fully unrolled: faster steps on CPU, where a rolled backward scan costs
-      ~50% more).
+      depth). With remat "none", unrolling speeds up the CPU backward pass; with "dots" it
+      does not.
     init_std: std of the normal initializer for weight matrices.
   """
 
@@ -67,7 +72,7 @@ class ModelConfig:
   qkv_bias: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: str = "none"
+  remat: str = "dots"
   scan_unroll: int = 1
   init_std: float = 0.02
 
