@@ -142,32 +142,21 @@ def pairs_to_unpaired(records) -> list[dict]:
 # Precomputed reference logprobs.
 
 
-class WithReference:
+class WithReference(pipeline.MapBatches):
   """Adds `ref_chosen`/`ref_rejected` [B] to each preference batch by record index."""
 
   def __init__(self, it, ref_chosen: np.ndarray, ref_rejected: np.ndarray):
-    self._it, self.ref_chosen, self.ref_rejected = it, ref_chosen, ref_rejected
+    super().__init__(it, self._add)
+    self.ref_chosen, self.ref_rejected = ref_chosen, ref_rejected
 
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = dict(next(self._it))
+  def _add(self, batch):
+    batch = dict(batch)
     idx = np.asarray(batch["index"])
     ok = idx >= 0
     safe = np.where(ok, idx, 0)
     batch["ref_chosen"] = np.where(ok, self.ref_chosen[safe], 0.0).astype(np.float32)
     batch["ref_rejected"] = np.where(ok, self.ref_rejected[safe], 0.0).astype(np.float32)
     return batch
-
-  def get_state(self):
-    return self._it.get_state()
-
-  def set_state(self, state):
-    self._it.set_state(state)
-
-  def stats(self):
-    return self._it.stats()
 
 
 def precompute_reference(ctx: StageContext, lm, ref_params, source, common: dict, path: str):

@@ -171,27 +171,10 @@ def make_ppo_iteration(lm, value_model, reward_model, optimizer, pcfg, sampling:
   return iteration
 
 
-class ArraysOnly:
+def arrays_only(prompts) -> pipeline.MapBatches:
   """The prompt iterator's arrays (the records stay on the host), with its state and stats."""
-
-  def __init__(self, it):
-    self._it = it
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    arrays, _ = next(self._it)
-    return {k: arrays[k] for k in ("tokens", "mask", "valid")}
-
-  def get_state(self):
-    return self._it.get_state()
-
-  def set_state(self, state):
-    self._it.set_state(state)
-
-  def stats(self):
-    return self._it.stats()
+  keys = ("tokens", "mask", "valid")
+  return pipeline.MapBatches(prompts, lambda item: {k: item[0][k] for k in keys})
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -243,7 +226,7 @@ def build_run(ctx: StageContext) -> Run:
       proxy = lambda samples: score_samples(reward_model, s.extra["reward"], samples, int(cfg.eval.batch_size))
       return world_eval(s.params["policy"], int(s.step), reference=(lm, s.extra["ref"]), proxy=proxy)
   tokens = int(cfg.train.batch_size) * (int(pcfg.prompt_len) + int(pcfg.max_new_tokens))
-  return Run(name="ppo", state=state, train_step=step, batches=ArraysOnly(prompts), evaluate=evaluate,
+  return Run(name="ppo", state=state, train_step=step, batches=arrays_only(prompts), evaluate=evaluate,
              tokens_per_batch=tokens, total_steps=int(cfg.train.steps))
 
 

@@ -196,6 +196,29 @@ class _Stage(grain.IterDataset):
     return self._make(self._parent.__iter__())
 
 
+class MapBatches:
+  """Applies `fn` to each batch of a pipeline's iterator on the host, passing `get_state`,
+  `set_state` and `stats` through, so the wrapped iterator checkpoints and reports as before."""
+
+  def __init__(self, it, fn: Callable[[Batch], Batch]):
+    self._it, self._fn = it, fn
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    return self._fn(next(self._it))
+
+  def get_state(self) -> dict[str, Any]:
+    return self._it.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(state)
+
+  def stats(self) -> dict[str, int]:
+    return self._it.stats()
+
+
 class DataIterator(grain.DatasetIterator):
   """The iterator every pipeline returns: numpy batch dicts with fixed shapes.
 
