@@ -126,18 +126,24 @@ def _logprob_fn(lm):
   return jax.jit(lambda p, a, b, c, d: response_logprobs(lm, p, a, b, c, d))
 
 
-def reference_logprobs(lm, params, samples: Samples, batch_size: int = 32) -> np.ndarray:
-  """[n, N] logprobs of the sampled response tokens under another model (e.g. the reference)."""
-  fn = _logprob_fn(lm)
+def map_sample_batches(fn, params, samples: Samples, batch_size: int) -> np.ndarray:
+  """`fn(params, prompt_tokens, prompt_mask, tokens, mask)` over the samples in fixed-size batches
+  (the last one padded by repeating a row, so one compiled shape serves all), results concatenated
+  along rows with the padding dropped."""
   parts = []
   n = len(samples.texts)
   for start in range(0, n, batch_size):
     rows = list(range(start, min(start + batch_size, n)))
     idx = rows + [rows[0]] * (batch_size - len(rows))
-    lp = fn(params, samples.prompt_tokens[idx], samples.prompt_mask[idx], samples.tokens[idx],
-            samples.mask[idx])
-    parts.append(np.asarray(jax.device_get(lp))[: len(rows)])
+    out = fn(params, samples.prompt_tokens[idx], samples.prompt_mask[idx], samples.tokens[idx],
+             samples.mask[idx])
+    parts.append(np.asarray(jax.device_get(out))[: len(rows)])
   return np.concatenate(parts)
+
+
+def reference_logprobs(lm, params, samples: Samples, batch_size: int = 32) -> np.ndarray:
+  """[n, N] logprobs of the sampled response tokens under another model (e.g. the reference)."""
+  return map_sample_batches(_logprob_fn(lm), params, samples, batch_size)
 
 
 def sequence_kl(samples: Samples, ref_logprobs: np.ndarray) -> float:

@@ -145,16 +145,7 @@ def _reward_fn(model):
 
 def score_samples(model, params, samples: evaluation.Samples, batch_size: int) -> np.ndarray:
   """Rewards [n] of sampled responses, in fixed-size batches."""
-  fn = _reward_fn(model)
-  out = []
-  n = len(samples.texts)
-  for start in range(0, n, batch_size):
-    rows = list(range(start, min(start + batch_size, n)))
-    idx = rows + [rows[0]] * (batch_size - len(rows))
-    r = fn(params, samples.prompt_tokens[idx], samples.prompt_mask[idx], samples.tokens[idx],
-           samples.mask[idx])
-    out.append(np.asarray(jax.device_get(r))[: len(rows)])
-  return np.concatenate(out)
+  return evaluation.map_sample_batches(_reward_fn(model), params, samples, batch_size)
 
 
 def load_sft(ctx: StageContext, workdir: str):
