@@ -72,8 +72,9 @@ def user_errors() -> tuple[type[Exception], ...]:
   from alignax.config import ConfigError
   from alignax.data.schemas import DataError
   from alignax.parallel import ParallelError
+  from alignax.algorithms.online import RewardFunctionError
   from alignax.train.loop import HaltError
-  return (ConfigError, DataError, ParallelError, CheckpointError, HaltError)
+  return (ConfigError, DataError, ParallelError, CheckpointError, HaltError, RewardFunctionError)
 
 
 def _guarded(main: Callable) -> Callable:

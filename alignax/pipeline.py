@@ -1,7 +1,9 @@
-"""The whole pipeline: pretrain -> SFT -> reward model -> PPO and DPO -> report.
+"""The whole pipeline: pretrain -> SFT -> reward model -> PPO, GRPO, RLOO and DPO -> report.
 
-Each stage runs in WORKDIR/<stage> with its own config (the pipeline config's section of that
-name), wired to the export of the stage it builds on. A stage that already has an export is
+The stages, their order and their wiring come from the algorithm registry
+(`alignax.algorithms.registry`). Each stage runs in WORKDIR/<stage> with its own config (the
+pipeline config's section of that name), wired to the exports of the stages it builds on (the
+record's `upstream`). A stage that already has an export is
 skipped, so rerunning the command resumes (a stage stopped by a signal resumes from its own
 checkpoint). Wall seconds per stage accumulate across resumes in WORKDIR/stages.json.
 """
@@ -16,20 +18,26 @@ import time
 from absl import logging
 
 from alignax import checkpoint as ckpt_lib
+from alignax.algorithms import registry
 from alignax.config import ConfigDict, ConfigError, save_config
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
-# What each stage starts from: its `init` (and PPO's `reward_model`) workdirs.
-UPSTREAM = {"sft": {"init": "pretrain"}, "reward": {"init": "sft"},
-            "ppo": {"init": "sft", "reward_model": "reward"}, "dpo": {"init": "sft"}}
 SHARED = ("seed", "tokenizer")
 
 
 def stage_names(cfg) -> list[str]:
+  """`config.stages` in registry order, each checked to exist and to have its upstream stages
+  either in the list or already finished in WORKDIR."""
+  known = registry.names()
   names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
   for s in names:
-    if s not in STAGES:
-      raise ConfigError(f"config.stages: unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    if s not in known:
+      raise ConfigError(f"config.stages: unknown stage {s!r}; stages: {', '.join(known)}")
+  names = [s for s in known if s in names]
+  for s in names:
+    for field, upstream in registry.get(s).upstream.items():
+      if upstream not in names and not ckpt_lib.has_export(os.path.join(cfg.workdir, upstream)):
+        raise ConfigError(f"config.stages: {s} builds on {upstream} ({field}), which is neither in "
+                          f"the list nor finished in {cfg.workdir}")
   return names
 
 
@@ -43,7 +51,7 @@ def stage_config(cfg, name: str) -> ConfigDict:
     scfg.world = copy.deepcopy(cfg.world)
     for key in ("loader", "tfds_dir", "chat_template"):
       scfg.data[key] = cfg.data[key]
-    for field, upstream in UPSTREAM.get(name, {}).items():
+    for field, upstream in registry.get(name).upstream.items():
       scfg[field].workdir = os.path.join(cfg.workdir, upstream)
       scfg[field].run_if_missing = False  # the pipeline runs stages in order itself
   return scfg

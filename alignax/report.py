@@ -1,6 +1,7 @@
 """The pipeline's report: every model on the same eval prompts, side by side.
 
-For each of the base, SFT, PPO and DPO models, one response per eval prompt is sampled at
+For each policy the pipeline trained (the registry's policy stages: base, SFT, PPO, GRPO, RLOO,
+DPO), one response per eval prompt is sampled at
 `report.temperature` (1 by default: the models' own distributions, as the KL estimate needs) and
 scored by the gold labeler:
 
@@ -32,8 +33,19 @@ from alignax.metrics import read_metrics
 from alignax.models import abstract_lm
 from alignax.tasks.world import SHOWCASE_PROMPTS
 
-MODELS = (("base", "pretrain", "raw"), ("sft", "sft", "chat"), ("ppo", "ppo", "chat"),
-          ("dpo", "dpo", "chat"))
+
+
+def report_models() -> tuple[tuple[str, str, str], ...]:
+  """(name in the report, stage, prompt format) of every policy stage, in pipeline order."""
+  from alignax.algorithms.registry import policies
+  return tuple((a.display_name, a.name, a.report_format) for a in policies())
+
+
+def aligned_stages() -> tuple[str, ...]:
+  """The policy stages that start from SFT (their eval curves go on the KL-vs-gold plot)."""
+  from alignax.algorithms.registry import policies
+  return tuple(a.name for a in policies() if a.upstream.get("init") == "sft")
+
 METRIC_NAMES = ("gold_reward", "win_rate_vs_sft", "kl_to_sft", "accuracy", "quiz_continuation_rate",
                 "refusal_rate")
 
@@ -92,7 +104,7 @@ def evaluate_models(cfg, names) -> tuple[dict, dict]:
                                        batch_size=bs, template=template)
   baseline_gold = evaluation.gold_scores(prompts, baseline.texts, baseline.ended)
   results, showcase = {}, {}
-  for i, (name, stage, fmt) in enumerate(MODELS):
+  for i, (name, stage, fmt) in enumerate(report_models()):
     workdir = os.path.join(cfg.workdir, stage)
     if stage not in names or not ckpt_lib.has_export(workdir):
       continue
@@ -188,10 +200,12 @@ def make_plots(workdir: str, report: dict) -> list[str]:
   models = report["models"]
   names = list(models)
   metrics = ("gold_reward", "win_rate_vs_sft", "accuracy", "refusal_rate", "quiz_continuation_rate")
-  fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2))
+  colors = plt.cm.tab10(np.arange(len(names)) % 10)
+  fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.4))
   for ax, metric in zip(axes, metrics):
     values = [models[n].get(metric, np.nan) for n in names]
-    ax.bar(names, values, color=["#999999", "#4c72b0", "#dd8452", "#55a868"][: len(names)])
+    ax.bar(names, values, color=colors)
+    ax.tick_params(axis="x", labelrotation=45)
     ax.set_title(metric, fontsize=10)
     ax.tick_params(labelsize=8)
   fig.tight_layout()
@@ -199,13 +213,19 @@ def make_plots(workdir: str, report: dict) -> list[str]:
   plt.close(fig)
   written.append("models.png")
 
-  panels = [("pretrain", "eval/loss", "pretrain: held-out loss"), ("sft", "eval/loss", "SFT: held-out loss"),
-            ("reward", "eval/gold_accuracy", "RM: accuracy vs gold"), ("ppo", "train/score", "PPO: RM score"),
-            ("ppo", "train/kl", "PPO: sequence KL (nats)"), ("dpo", "train/loss", "DPO: loss")]
+  rl_stages = [s for s in aligned_stages() if s != "dpo"]
+  panels = [(("pretrain",), "eval/loss", "pretrain: held-out loss"), (("sft",), "eval/loss", "SFT: held-out loss"),
+            (("reward",), "eval/gold_accuracy", "RM: accuracy vs gold"),
+            (rl_stages, "train/score", "RL: score"), (rl_stages, "train/kl", "RL: sequence KL (nats)"),
+            (("dpo",), "train/loss", "DPO: loss")]
   fig, axes = plt.subplots(2, 3, figsize=(11, 6))
-  for ax, (stage, key, title) in zip(axes.flat, panels):
-    steps, values = _series(os.path.join(workdir, stage), key)
-    ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+  for ax, (stages, key, title) in zip(axes.flat, panels):
+    for stage in stages:
+      steps, values = _series(os.path.join(workdir, stage), key)
+      if steps:
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=stage)
+    if len(stages) > 1:
+      ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=8)
@@ -215,11 +235,11 @@ def make_plots(workdir: str, report: dict) -> list[str]:
   written.append("training.png")
 
   fig, ax = plt.subplots(figsize=(5, 4))
-  for stage, color in (("ppo", "#dd8452"), ("dpo", "#55a868")):
+  for stage in aligned_stages():
     _, kl = _series(os.path.join(workdir, stage), "eval/kl_to_reference")
     _, gold = _series(os.path.join(workdir, stage), "eval/gold_reward")
     if kl and gold:
-      ax.plot(kl[: len(gold)], gold[: len(kl)], marker="o", color=color, label=stage)
+      ax.plot(kl[: len(gold)], gold[: len(kl)], marker="o", label=stage)
   for name in names:
     ax.scatter([models[name].get("kl_to_sft", np.nan)], [models[name]["gold_reward"]], marker="*", s=90,
                label=f"{name} (report)")

@@ -45,7 +45,7 @@ def benchmark(cfg, steps: int = 10) -> dict:
   lm, params = build_lm(model_cfg, int(cfg.seed))
   optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps))
 
-  def loss_fn(p, batch, rng, extra):
+  def loss_fn(p, batch, rng, extra, hparams):
     logits, _ = lm.apply(p, batch["tokens"], batch["positions"], batch["segment_ids"])
     return masked_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
 

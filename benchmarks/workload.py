@@ -81,13 +81,13 @@ def bench_task(task: str, steps: int) -> dict:
     batch = dict(chosen=pair(), rejected=pair(), valid=np.ones(b, np.float32), margin=np.zeros(b, np.float32))
     if task == "reward":
       rm, rm_params = build_scalar_model(model, 1, backbone=params)
-      step = make_train_step(reward.reward_loss(rm, 0.0, False), optimizer)
-      state = TrainState.create(rm_params, optimizer, jax.random.key(0))
+      step = make_train_step(reward.reward_loss(rm, False), optimizer)
+      state = TrainState.create(rm_params, optimizer, jax.random.key(0), hparams={"center_coef": 0.0})
     else:
-      dcfg = mlc.ConfigDict(dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0))
-      step = make_train_step(dpo.make_dpo_loss(lm, dcfg), optimizer)
+      step = make_train_step(dpo.make_dpo_loss(lm, "sigmoid"), optimizer)
       state = TrainState.create(params, optimizer, jax.random.key(0),
-                                extra={"ref": jax.tree.map(jnp.copy, params)})
+                                extra={"ref": jax.tree.map(jnp.copy, params)},
+                                hparams=dict(beta=0.1, label_smoothing=0.0, gamma=0.0))
   elif task == "ppo":
     rm, rm_params = build_scalar_model(model, 1, backbone=params)
     pcfg = mlc.ConfigDict(dict(epochs=1, num_minibatches=1, clip=0.2, vf_clip=0.2, vf_coef=0.1, gamma=1.0,

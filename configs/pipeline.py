@@ -1,4 +1,5 @@
-"""The main job: pretrain -> SFT -> reward model -> PPO and DPO on the world task, then a report.
+"""The main job: pretrain -> SFT -> reward model -> PPO, GRPO, RLOO and DPO on the world task, then
+a report.
 
   alignax pipeline --config=configs/pipeline.py:tiny --config.workdir=runs/pipeline
   alignax pipeline --config=configs/pipeline.py:tiny --config.dpo.dpo.beta=0.05 \
@@ -13,10 +14,10 @@ not rerun, so the command resumes where it stopped.
 
 import os
 
+from alignax.algorithms import registry
 from alignax.config import ConfigDict, load_config_file, world_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
 
 
 def _stage(name: str, preset: str) -> ConfigDict:
@@ -32,8 +33,8 @@ def get_config(preset: str | None = None):
   c.seed = 0
   c.world = world_section()
   c.data = ConfigDict(dict(loader="tfds", tfds_dir="", chat_template="markers"))
-  c.stages = ",".join(STAGES)  # which stages to run, in order
-  for name in STAGES:
+  c.stages = ",".join(registry.default_pipeline())  # which stages to run (registry order)
+  for name in registry.names():
     c[name] = _stage(name, preset)
   c.tokenizer = c.pretrain.tokenizer  # the pretraining preset's (the model's vocab is sized for it)
   c.report = ConfigDict(dict(

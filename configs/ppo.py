@@ -9,6 +9,7 @@
 """
 
 from alignax.algorithms.common import eval_section, init_section
+from alignax.algorithms.online import rewards_section
 from alignax.config import ConfigDict, base_config, world_section
 
 
@@ -30,7 +31,8 @@ def get_config(preset: str | None = None):
       gamma=1.0,
       lam=0.95,
       kl_coef=0.05,  # initial beta of the per-token KL penalty
-      kl_estimator="k1",  # "k1" (log ratio) or "k3"
+      kl_in="reward",  # "reward" (per-token penalty), "loss" (a KL term in the loss) or "none"
+      kl_estimator="k1",  # reward: k1; loss: k2 or k3_weighted (reverse KL), k3 (forward KL)
       adaptive_kl=False,  # Ziegler et al.'s controller toward target_kl
       target_kl=6.0,  # nats per sequence
       horizon=10000,  # samples over which the controller moves beta
@@ -38,6 +40,7 @@ def get_config(preset: str | None = None):
       apply_no_eos_score=True,  # responses that never emit <eos> get no_eos_score
       no_eos_score=-1.0,
   ))
+  c.rewards = rewards_section(model=1.0)  # the reward model; add Python functions here
   c.eval = eval_section()
   c.optimizer.weight_decay = 0.0
   c.optimizer.schedule = "constant"

@@ -54,7 +54,7 @@ def problem():
       schedule="constant", min_lr_ratio=0.1, decay_embeddings_and_norms=False))
   optimizer = make_optimizer(opt_cfg, 100)
 
-  def loss_fn(p, batch, rng, extra):
+  def loss_fn(p, batch, rng, extra, hparams):
     logits, _ = lm.apply(p, batch["tokens"], batch["positions"], batch["segment_ids"])
     return masked_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
 

@@ -20,15 +20,10 @@ RECORDS = [{"prompt": f"Question {i}?", "chosen": f"Polite answer {i}.", "reject
            for i in range(12)]
 
 
-class _Cfg(dict):
-  __getattr__ = dict.__getitem__
-
-
 def test_precomputed_and_on_the_fly_reference_give_the_same_step(tiny_llama):
   tok = ByteTokenizer()
   lm, params = build_lm(tiny_llama, seed=0)
   _, ref = build_lm(tiny_llama, seed=1)  # a reference different from the policy
-  dcfg = _Cfg(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0)
   batch = next(pipeline.preference_pipeline(RECORDS, tok, batch_size=8, seq_len=48, shuffle=True, seed=3))
   # Precomputed: sums for every record by index (as `precompute_reference` stores them).
   all_pairs = next(pipeline.preference_pipeline(RECORDS, tok, batch_size=12, seq_len=48, shuffle=False))
@@ -41,10 +36,11 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_step(tiny_llama):
   # SGD, so the update is the gradient itself: Adam's first step is ~lr * sign(g) and turns
   # float32 rounding in a near-zero gradient into a whole-lr difference.
   optimizer = optax.sgd(1.0)
-  step = jax.jit(make_train_step(dpo.make_dpo_loss(lm, dcfg), optimizer))
+  step = jax.jit(make_train_step(dpo.make_dpo_loss(lm, "sigmoid"), optimizer))
   results = []
   for b in (batch, with_ref):
-    state = TrainState.create(params, optimizer, jax.random.key(0), extra={"ref": ref})
+    state = TrainState.create(params, optimizer, jax.random.key(0), extra={"ref": ref},
+                              hparams=dict(beta=0.1, label_smoothing=0.0, gamma=0.0))
     state, m = step(state, b)
     results.append((m, state.params))
   (m1, p1), (m2, p2) = results

@@ -24,7 +24,7 @@ def _sft_batch(user_text):
 
 def test_sft_loss_counts_assistant_tokens_only(tiny_llama):
   lm, params = build_lm(tiny_llama, seed=0)
-  loss_fn = jax.jit(lambda p, b: lm_loss(lm)(p, b, None, None))
+  loss_fn = jax.jit(lambda p, b: lm_loss(lm)(p, b, None, None, None))
   batch = _sft_batch("Capital of France?")
   tok = ByteTokenizer()
   targets = batch["tokens"][0][batch["loss_mask"][0] > 0]

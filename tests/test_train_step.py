@@ -22,7 +22,7 @@ def _opt_cfg(**kw):
 
 
 def _lm_loss(lm):
-  def loss_fn(params, batch, rng, extra):
+  def loss_fn(params, batch, rng, extra, hparams):
     logits, _ = lm.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
     return masked_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
   return loss_fn
@@ -71,8 +71,8 @@ def test_accumulated_microbatches_equal_one_big_batch(tiny_llama):
 
 def _poisoned_loss(lm, bad_step):
   base = _lm_loss(lm)
-  def loss_fn(params, batch, rng, extra):
-    total, count, m = base(params, batch, rng, extra)
+  def loss_fn(params, batch, rng, extra, hparams):
+    total, count, m = base(params, batch, rng, extra, hparams)
     return total * jnp.where(batch["poison"][0] > 0, jnp.nan, 1.0), count, m
   return loss_fn
 

@@ -1,24 +1,13 @@
-"""Algorithms, one module per stage: pretrain, sft, reward, ppo, dpo.
+"""Algorithms, one module per stage, each with an `ALGORITHM` record (`base.Algorithm`).
 
-Each module provides `train(cfg)`; `run_stage` picks it from `cfg.stage`.
+`registry` lists them (one line each) and derives every stage list; `run_stage` trains the stage
+`cfg.stage` names.
 """
 
 from __future__ import annotations
 
-import importlib
-
-STAGES = {
-    "pretrain": "alignax.algorithms.pretrain",
-    "sft": "alignax.algorithms.sft",
-    "reward": "alignax.algorithms.reward",
-    "ppo": "alignax.algorithms.ppo",
-    "dpo": "alignax.algorithms.dpo",
-}
-
 
 def run_stage(cfg):
   """Trains the stage `cfg.stage` names; returns its StageResult."""
-  from alignax.config import ConfigError
-  if cfg.stage not in STAGES:
-    raise ConfigError(f"config.stage: unknown stage {cfg.stage!r}; stages: {', '.join(STAGES)}")
-  return importlib.import_module(STAGES[cfg.stage]).train(cfg)
+  from alignax.algorithms import registry
+  return registry.get(cfg.stage).train(cfg)

@@ -114,15 +114,13 @@ def adopt_export(cfg, workdir: str) -> "ModelConfig":  # noqa: F821
   # Chat-trained models keep the template they learned; pretrained and imported ones have none
   # yet, so this stage's config chooses it.
   template = meta.get("chat_template")
-  if meta["stage"] in CHAT_STAGES and template and template != cfg.data.chat_template:
+  from alignax.algorithms.registry import chat_stages
+  if meta["stage"] in chat_stages() and template and template != cfg.data.chat_template:
     logging.warning("using the chat template of %s (%s) instead of config.data.chat_template=%s",
                     workdir, template, cfg.data.chat_template)
     with cfg.unlocked():
       cfg.data.chat_template = template
   return adopt_model(cfg, ckpt_lib.export_model_config(workdir))
-
-
-CHAT_STAGES = ("sft", "reward", "ppo", "dpo")
 
 
 def adopt_model(cfg, exported: "ModelConfig") -> "ModelConfig":  # noqa: F821

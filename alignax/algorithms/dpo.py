@@ -25,8 +25,8 @@ from absl import logging
 
 from alignax import checkpoint as ckpt_lib
 from alignax import parallel
-from alignax.algorithms.common import (adopt_export, ensure_export, process_batch_size, shard_args,
-                                       take_batches)
+from alignax.algorithms.base import Algorithm
+from alignax.algorithms.common import process_batch_size, shard_args, take_batches
 from alignax.algorithms.world_eval import WorldEvaluator
 from alignax.config import ConfigDict, ConfigError
 from alignax.data import pipeline, sources
@@ -35,7 +35,7 @@ from alignax.losses.preference import LOSS_TYPES, dpo_loss, kto_loss
 from alignax.models import abstract_lm
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
-from alignax.train.runner import StageContext, run_training
+from alignax.train.runner import StageContext
 from alignax.train.state import TrainState
 from alignax.train.step import make_train_step
 
@@ -69,16 +69,17 @@ def reference_pair_logps(lm, batch, extra):
   return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
 
 
-def make_dpo_loss(lm, dcfg):
-  loss_type = dcfg.loss_type
+def make_dpo_loss(lm, loss_type: str):
+  """The preference loss `loss_type` of a pair batch; beta, label_smoothing and gamma come from
+  `hparams` (arrays, so one compiled step serves every value)."""
 
-  def loss_fn(params, batch, rng, extra):
+  def loss_fn(params, batch, rng, extra, hparams):
     pc, pr = pair_logps(lm, params, batch)
     rc = rr = None
     if loss_type not in REFERENCE_FREE:
       rc, rr = reference_pair_logps(lm, batch, extra)
-    return dpo_loss(loss_type, pc, pr, rc, rr, beta=float(dcfg.beta),
-                    label_smoothing=float(dcfg.label_smoothing), gamma=float(dcfg.gamma),
+    return dpo_loss(loss_type, pc, pr, rc, rr, beta=hparams["beta"],
+                    label_smoothing=hparams["label_smoothing"], gamma=hparams["gamma"],
                     len_chosen=batch["chosen"]["response_len"].astype(jnp.float32),
                     len_rejected=batch["rejected"]["response_len"].astype(jnp.float32),
                     weights=batch["valid"])
@@ -112,8 +113,8 @@ def mismatched_pairs(batch) -> dict:
               loss_mask=in_completion.astype(jnp.float32))
 
 
-def make_kto_loss(lm, dcfg):
-  def loss_fn(params, batch, rng, extra):
+def make_kto_loss(lm):
+  def loss_fn(params, batch, rng, extra, hparams):
     lm_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
     policy = sequence_logps(lm, params, lm_batch)
     ref = jax.lax.stop_gradient(sequence_logps(lm, extra["ref"], lm_batch))
@@ -122,9 +123,9 @@ def make_kto_loss(lm, dcfg):
     kl_ref = sequence_logps(lm, extra["ref"], kl_batch)
     w = batch["valid"]
     z = jax.lax.stop_gradient(jnp.sum((kl_policy - kl_ref) * w) / jnp.maximum(jnp.sum(w), 1.0))
-    return kto_loss(policy, ref, batch["label"], z, beta=float(dcfg.beta),
-                    desirable_weight=float(dcfg.kto_desirable_weight),
-                    undesirable_weight=float(dcfg.kto_undesirable_weight), weights=w)
+    return kto_loss(policy, ref, batch["label"], z, beta=hparams["beta"],
+                    desirable_weight=hparams["kto_desirable_weight"],
+                    undesirable_weight=hparams["kto_undesirable_weight"], weights=w)
   return loss_fn
 
 
@@ -214,10 +215,11 @@ class PreferenceEval:
     out = {}
     if self.eval_batches:
       if self._fn is None:
-        self._fn = jax.jit(lambda p, b, e: self.loss_fn(p, b, None, e))
+        self._fn = jax.jit(lambda p, b, e, h: self.loss_fn(p, b, None, e, h))
       total = count = acc = 0.0
       for batch in self.eval_batches:
-        s, c, m = jax.device_get(self._fn(state.params, self.ctx.placement.put_batch(batch), state.extra))
+        s, c, m = jax.device_get(self._fn(state.params, self.ctx.placement.put_batch(batch), state.extra,
+                                          state.hparams))
         total, count = total + float(s), count + float(c)
         acc += float(m.get("rewards/accuracy", np.nan)) * float(c)
       out["loss"] = total / max(count, 1.0)
@@ -257,9 +259,9 @@ def build_run(ctx: StageContext) -> Run:
   optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps))
   # The reference rides in `extra` (needed for on-the-fly reference logprobs, KTO and eval KL).
   state = TrainState.create(jax.tree.map(jnp.copy, sft_params), optimizer, jax.random.key(int(cfg.seed)),
-                            extra={"ref": sft_params})
+                            extra={"ref": sft_params}, hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)
-  loss_fn = make_kto_loss(lm, dcfg) if kto else make_dpo_loss(lm, dcfg)
+  loss_fn = make_kto_loss(lm) if kto else make_dpo_loss(lm, dcfg.loss_type)
   step = make_train_step(loss_fn, optimizer, accum_steps=int(cfg.train.accum_steps),
                          nonfinite_policy=cfg.train.nonfinite)
   world_eval = (WorldEvaluator(cfg, lm, ctx.tokenizer, ctx.writer)
@@ -283,7 +285,7 @@ def export(ctx: StageContext, state) -> None:
                        extra={"loss_type": ctx.cfg.dpo.loss_type, "beta": float(ctx.cfg.dpo.beta)})
 
 
-def train(cfg: ConfigDict):
-  init_dir = ensure_export(cfg.init)
-  model = adopt_export(cfg, init_dir)
-  return run_training(cfg, build_run, export, validate=validate, model_config=model)
+ALGORITHM = Algorithm(name="dpo", records="preference", section="dpo",
+                      hparams=("beta", "label_smoothing", "gamma", "kto_desirable_weight",
+                               "kto_undesirable_weight"),
+                      upstream={"init": "sft"}, build=build_run, export=export, validate=validate)

@@ -15,6 +15,7 @@ import jax
 
 from alignax import checkpoint as ckpt_lib
 from alignax import parallel
+from alignax.algorithms.base import Algorithm
 from alignax.algorithms.common import (init_lm_state, process_batch_size, shard_args, take_batches,
                                        tokens_in)
 from alignax.config import ConfigDict, ConfigError
@@ -22,13 +23,13 @@ from alignax.data import pipeline, sources
 from alignax.losses.lm import masked_cross_entropy
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
-from alignax.train.runner import StageContext, run_training
+from alignax.train.runner import StageContext
 from alignax.train.step import make_train_step
 
 
 def lm_loss(lm):
   """Masked next-token cross-entropy of an LM batch: (sum nats, loss tokens, metrics)."""
-  def loss_fn(params, batch, rng, extra):
+  def loss_fn(params, batch, rng, extra, hparams):
     logits, _ = lm.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
     return masked_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
   return loss_fn
@@ -43,7 +44,7 @@ def make_lm_evaluate(ctx: StageContext, lm, eval_batches: list):
 
   def evaluate(state):
     if "fn" not in cache:
-      cache["fn"] = parallel.jit_eval(ctx.placement, lambda p, b: loss_fn(p, b, None, None)[:2],
+      cache["fn"] = parallel.jit_eval(ctx.placement, lambda p, b: loss_fn(p, b, None, None, None)[:2],
                                       state.params)
     total, count = 0.0, 0.0
     for batch in eval_batches:
@@ -90,6 +91,7 @@ def export(ctx: StageContext, state) -> None:
                        chat_template=ctx.cfg.data.chat_template)
 
 
-def train(cfg: ConfigDict):
-  return run_training(cfg, build_run, export, validate=validate)
+ALGORITHM = Algorithm(name="pretrain", records="text", section=None, hparams=(), upstream={},
+                      build=build_run, export=export, validate=validate, chat=False,
+                      report_name="base", report_format="raw")
 

@@ -22,19 +22,20 @@ from absl import logging
 
 from alignax import checkpoint as ckpt_lib
 from alignax import evaluation, parallel
-from alignax.algorithms.common import (adopt_export, ensure_export, process_batch_size, shard_args,
+from alignax.algorithms.base import Algorithm
+from alignax.algorithms.common import (process_batch_size, shard_args,
                                        take_batches)
 from alignax.algorithms.world_eval import eval_prompt_records
 from alignax.config import ConfigDict, ConfigError
 from alignax.data import pipeline, sources
 from alignax.generation import Sampler, SamplingConfig
-from alignax.generation.scoring import join_prompt_response
+from alignax.generation.scoring import response_scores
 from alignax.losses.preference import bradley_terry_loss
 from alignax.models import abstract_lm
 from alignax.models.heads import abstract_scalar_model, build_scalar_model, last_token
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
-from alignax.train.runner import StageContext, run_training
+from alignax.train.runner import StageContext
 from alignax.train.state import TrainState
 from alignax.train.step import make_train_step
 
@@ -50,19 +51,13 @@ def pair_rewards(model, params, batch):
   return rewards[:b], rewards[b:]
 
 
-def reward_loss(model, center_coef: float, use_margin: bool):
-  def loss_fn(params, batch, rng, extra):
+def reward_loss(model, use_margin: bool):
+  """Bradley-Terry loss of a preference batch; `hparams["center_coef"]` weighs the centering term."""
+  def loss_fn(params, batch, rng, extra, hparams):
     rc, rr = pair_rewards(model, params, batch)
     return bradley_terry_loss(rc, rr, margin=batch["margin"] if use_margin else None,
-                              center_coef=center_coef, weights=batch["valid"])
+                              center_coef=hparams["center_coef"], weights=batch["valid"])
   return loss_fn
-
-
-def rollout_rewards(model, params, prompt_tokens, prompt_mask, response_tokens, response_mask):
-  """Rewards [B] of sampled responses (left-padded prompts, right-padded responses)."""
-  tokens, positions, segments = join_prompt_response(prompt_tokens, prompt_mask, response_tokens,
-                                                     response_mask)
-  return last_token(model.values(params, tokens, positions, segments), segments)
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -140,7 +135,7 @@ class RewardEval:
 
 @functools.lru_cache(maxsize=8)
 def _reward_fn(model):
-  return jax.jit(lambda p, a, b, c, d: rollout_rewards(model, p, a, b, c, d))
+  return jax.jit(lambda p, a, b, c, d: response_scores(model, p, a, b, c, d))
 
 
 def score_samples(model, params, samples: evaluation.Samples, batch_size: int) -> np.ndarray:
@@ -176,10 +171,11 @@ def build_run(ctx: StageContext) -> Run:
 
   def init():
     _, params = build_scalar_model(ctx.model, jax.random.fold_in(key, 0), backbone=sft_params)
-    return TrainState.create(params, optimizer, jax.random.fold_in(key, 1))
+    return TrainState.create(params, optimizer, jax.random.fold_in(key, 1),
+                             hparams=ALGORITHM.hparams_of(cfg))
 
   state = parallel.init_sharded(ctx.placement, init)
-  step = make_train_step(reward_loss(model, float(cfg.reward.center_coef), bool(cfg.reward.use_margin)),
+  step = make_train_step(reward_loss(model, bool(cfg.reward.use_margin)),
                          optimizer, accum_steps=int(cfg.train.accum_steps),
                          nonfinite_policy=cfg.train.nonfinite)
   sft = None
@@ -242,7 +238,6 @@ def load_reward_model(workdir: str, placement=None):
   return model, params, meta
 
 
-def train(cfg: ConfigDict):
-  init_dir = ensure_export(cfg.init)
-  model = adopt_export(cfg, init_dir)
-  return run_training(cfg, build_run, export, validate=validate, model_config=model)
+ALGORITHM = Algorithm(name="reward", records="preference", section="reward", hparams=("center_coef",),
+                      upstream={"init": "sft"}, build=build_run, export=export, validate=validate,
+                      policy=False)

@@ -13,7 +13,8 @@ scored by the gold labeler plus a greedy table of showcase prompts (`WORKDIR/sam
 from __future__ import annotations
 
 from alignax import checkpoint as ckpt_lib
-from alignax.algorithms.common import (adopt_export, ensure_export, init_lm_state, process_batch_size,
+from alignax.algorithms.base import Algorithm
+from alignax.algorithms.common import (init_lm_state, process_batch_size,
                                        shard_args, take_batches, tokens_in)
 from alignax.algorithms.pretrain import lm_loss, make_lm_evaluate
 from alignax.algorithms.world_eval import WorldEvaluator
@@ -22,7 +23,7 @@ from alignax.data import pipeline, sources
 from alignax.models import abstract_lm
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
-from alignax.train.runner import StageContext, run_training
+from alignax.train.runner import StageContext
 from alignax.train.step import make_train_step
 
 
@@ -79,7 +80,5 @@ def export(ctx: StageContext, state) -> None:
                        chat_template=ctx.cfg.data.chat_template)
 
 
-def train(cfg: ConfigDict):
-  init_dir = ensure_export(cfg.init)
-  model = adopt_export(cfg, init_dir)
-  return run_training(cfg, build_run, export, validate=validate, model_config=model)
+ALGORITHM = Algorithm(name="sft", records="sft", section=None, hparams=(), upstream={"init": "pretrain"},
+                      build=build_run, export=export, validate=validate)

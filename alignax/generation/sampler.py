@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import struct
 
 from alignax.models.lm import LanguageModel
 
@@ -80,13 +81,19 @@ def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
 
 
 def choose_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig):
-  """(token [B] int32, its logprob [B]) under the sampling distribution (see module doc)."""
+  """(token [B] int32, its logprob [B]) under the sampling distribution (see module doc).
+
+  `key` is one key for the batch, or [B] keys, one per row (draws then do not depend on which
+  other rows share the batch)."""
   if cfg.temperature == 0:
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   else:
     filtered = filter_logits(logits, cfg)
-    token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    if key.ndim == 1:
+      token = jax.vmap(lambda k, l: jax.random.categorical(k, l))(key, filtered).astype(jnp.int32)
+    else:
+      token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
     logp = jax.nn.log_softmax(filtered, axis=-1)
   return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
@@ -99,9 +106,45 @@ def prompt_layout(prompt_mask: jax.Array):
   return positions, mask
 
 
-def _generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, params,
-              prompt_tokens, prompt_mask, key):
+class Rollout(struct.PyTreeNode):
+  """Sampled responses to left-padded prompts: what RL steps and evaluation score.
+
+  Attributes:
+    prompt_tokens: [B, P] int32, left-padded with pad_id.
+    prompt_mask: [B, P] bool, True on prompt tokens.
+    tokens: [B, N] int32 response tokens (pad_id after a row's end).
+    mask: [B, N] float32, 1 on real response tokens (up to and including `<eos>`).
+    logprobs: [B, N] float32 nats, the sampling distribution's logprobs of the tokens.
+    ended: [B] bool, the row emitted `<eos>`.
+  """
+
+  prompt_tokens: jax.Array
+  prompt_mask: jax.Array
+  tokens: jax.Array
+  mask: jax.Array
+  logprobs: jax.Array
+  ended: jax.Array
+
+  @property
+  def lengths(self) -> jax.Array:
+    """[B] int32 response lengths in tokens."""
+    return jnp.sum(self.mask, axis=1).astype(jnp.int32)
+
+  def masked(self, valid: jax.Array) -> "Rollout":
+    """The rollout with rows where `valid` [B] is 0 (filler prompts) masked out entirely."""
+    return self.replace(mask=self.mask * valid[:, None])
+
+
+def generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, params,
+             prompt_tokens, prompt_mask, key, row_ids=None) -> Rollout:
+  """Samples a response to each prompt [B, P] (prefill, then a `while_loop` decode).
+
+  With `row_ids` [B] int32, row r draws from `fold_in(key, row_ids[r])`: its samples do not
+  depend on the batch's layout (a pmap device's shard draws what the same rows draw on one
+  device). Pure and jit-able; `Sampler` wraps it for host use.
+  """
   b, p = prompt_tokens.shape
+  row_keys = None if row_ids is None else jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
   n = cfg.max_new_tokens
   positions, segments = prompt_layout(prompt_mask)
   cache = lm.init_cache(b, p + n)
@@ -117,7 +160,9 @@ def _generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, 
 
   def body(s):
     i = s["i"]
-    token, logp = choose_tokens(s["logits"], jax.random.fold_in(key, i), cfg)
+    step_key = (jax.random.fold_in(key, i) if row_keys is None
+                else jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys))
+    token, logp = choose_tokens(s["logits"], step_key, cfg)
     alive = ~s["done"]
     token = jnp.where(alive, token, pad_id)
     tokens = s["tokens"].at[:, i].set(token)
@@ -131,8 +176,13 @@ def _generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, 
                 mask=mask, done=done)
 
   out = jax.lax.while_loop(cond, body, state)
-  return dict(tokens=out["tokens"], logprobs=out["logprobs"], mask=out["mask"],
-              lengths=jnp.sum(out["mask"], axis=1).astype(jnp.int32), ended=out["done"])
+  return Rollout(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=out["tokens"],
+                 mask=out["mask"], logprobs=out["logprobs"], ended=out["done"])
+
+
+def _generate_dict(lm, cfg, eos_id, pad_id, params, prompt_tokens, prompt_mask, key) -> dict:
+  r = generate(lm, cfg, eos_id, pad_id, params, prompt_tokens, prompt_mask, key)
+  return dict(tokens=r.tokens, logprobs=r.logprobs, mask=r.mask, lengths=r.lengths, ended=r.ended)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -151,7 +201,7 @@ class Sampler:
 
   def __init__(self, lm: LanguageModel, tokenizer, cfg: SamplingConfig, *, min_bucket: int = 16):
     self.lm, self.tokenizer, self.cfg, self.min_bucket = lm, tokenizer, cfg, min_bucket
-    self._fn = jax.jit(functools.partial(_generate, lm, cfg, tokenizer.eos_id, tokenizer.pad_id))
+    self._fn = jax.jit(functools.partial(_generate_dict, lm, cfg, tokenizer.eos_id, tokenizer.pad_id))
     self.shapes_compiled: set[tuple[int, int]] = set()
 
   @property
@@ -176,7 +226,8 @@ class Sampler:
     return tokens, mask
 
   def generate_padded(self, params, tokens, mask, key) -> dict:
-    """Device arrays of `_generate` for already padded prompts [B, P]."""
+    """Device arrays (a dict of `Rollout`'s response fields and `lengths`) for already padded
+    prompts [B, P]."""
     shape = tuple(tokens.shape)
     if shape not in self.shapes_compiled:
       self.shapes_compiled.add(shape)
@@ -185,7 +236,7 @@ class Sampler:
     return self._fn(params, tokens, mask, key)
 
   def generate(self, params, prompts: Sequence[Sequence[int]], key) -> dict:
-    """Completions for prompt token lists; returns numpy arrays (see `_generate`)."""
+    """Completions for prompt token lists; returns numpy arrays (see `generate_padded`)."""
     tokens, mask = self.pad_prompts(prompts)
     out = self.generate_padded(params, tokens, mask, key)
     return jax.device_get(out)

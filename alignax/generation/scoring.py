@@ -1,5 +1,8 @@
 """Scoring sampled responses with a training-style forward: prompt + response in one sequence.
 
+The one home of response forwards (logprobs, entropies, values, reward-model scores), used by
+every RL algorithm and by evaluation.
+
 A rollout keeps the prompt left-padded ([B, P]) and the response right-padded ([B, N]); joined,
 every row is `[pad..., prompt, response, pad...]` with segment id 1 on real tokens. Response
 token j sits at column P + j and is predicted from column P + j - 1.
@@ -11,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from alignax.generation.sampler import prompt_layout
-from alignax.losses.lm import next_token_logprobs
+from alignax.losses.lm import next_token_entropy, next_token_logprobs
+from alignax.models.heads import last_token
 
 Array = jax.Array
 
@@ -41,3 +45,34 @@ def response_logprobs(lm, params, prompt_tokens, prompt_mask, response_tokens, r
     logits = logits / temperature
   lp = next_token_logprobs(logits, tokens)[:, prompt_tokens.shape[1]:]
   return lp * response_mask
+
+
+def response_logprobs_and_entropy(lm, params, prompt_tokens, prompt_mask, response_tokens,
+                                  response_mask, temperature: float | Array = 1.0):
+  """(logprobs [B, N], entropy [B, N]) in nats of the response tokens under logits / temperature
+  (the distribution the sampler drew from); 0 where response_mask is 0."""
+  tokens, positions, segments = join_prompt_response(prompt_tokens, prompt_mask, response_tokens,
+                                                     response_mask)
+  logits, _ = lm.apply(params, tokens, positions, segments)
+  logits = logits / temperature
+  p = prompt_tokens.shape[1]
+  lp = next_token_logprobs(logits, tokens)[:, p:] * response_mask
+  ent = next_token_entropy(logits)[:, p:] * response_mask
+  return lp, ent
+
+
+def response_values(value_model, params, prompt_tokens, prompt_mask, response_tokens, response_mask):
+  """[B, N] values V(s_j) of the state before each response token: a scalar model's output at the
+  column that predicts token j (column P + j - 1); 0 where response_mask is 0."""
+  tokens, positions, segments = join_prompt_response(prompt_tokens, prompt_mask, response_tokens,
+                                                     response_mask)
+  values = value_model.values(params, tokens, positions, segments)
+  p, n = prompt_tokens.shape[1], response_tokens.shape[1]
+  return values[:, p - 1: p - 1 + n] * response_mask
+
+
+def response_scores(reward_model, params, prompt_tokens, prompt_mask, response_tokens, response_mask):
+  """[B] reward-model scores of whole responses: the scalar head at the last real token."""
+  tokens, positions, segments = join_prompt_response(prompt_tokens, prompt_mask, response_tokens,
+                                                     response_mask)
+  return last_token(reward_model.values(params, tokens, positions, segments), segments)

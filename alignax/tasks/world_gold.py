@@ -190,6 +190,16 @@ def gold_scores(prompts: Sequence[str], responses: Sequence[str],
                   np.float64)
 
 
+def gold_reward(prompts: Sequence, responses: Sequence[str],
+                ended: Sequence[bool] | None = None) -> np.ndarray:
+  """The gold labeler as an RL reward function (`rewards.functions=
+  alignax.tasks.world_gold:gold_reward`): [N] gold scores of (prompt, response) pairs. A prompt
+  may be a string or a conversation (its last message is scored); `ended` says which responses
+  emitted `<eos>` (all of them when None)."""
+  flat = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+  return gold_scores(flat, responses, True if ended is None else list(ended))
+
+
 # ---------------------------------------------------------------------------------------------
 # Bradley-Terry labels.
 

@@ -37,6 +37,8 @@ class Run:
     tokens_per_batch: tokens a batch trains on (for tokens/s), or a function of the batch.
     total_steps: steps to run.
     on_log: optional `(step, row) -> None` hook after each metrics row (e.g. extra text panels).
+    after_step: optional `(step, metrics) -> None` check after every step (e.g. that a host-side
+      reward function succeeded); when it raises, the loop saves a checkpoint, then re-raises.
   """
 
   name: str
@@ -47,6 +49,7 @@ class Run:
   tokens_per_batch: int | Callable[[Any], int]
   total_steps: int
   on_log: Callable[[int, dict], None] | None = None
+  after_step: Callable[[int, Mapping[str, jax.Array]], None] | None = None
 
 
 def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict:
@@ -103,6 +106,13 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
                        else run.tokens_per_batch)
       state, step_metrics = step_fn(state, placement.put_batch(host_batch))
       step += 1
+      if run.after_step is not None:
+        try:
+          run.after_step(step, step_metrics)
+        except Exception:
+          if checkpointer is not None:
+            checkpointer.maybe_save(step, state, run.batches, force=True)
+          raise
       if step % log_every == 0 or step == run.total_steps:
         fetched = jax.device_get(step_metrics)
         now = time.perf_counter()

@@ -24,6 +24,10 @@ class TrainState(struct.PyTreeNode):
     halted_at: int32 scalar, the first non-finite step under the "halt" policy, -1 if none; once
       set, updates stop, so params stay those of the last good step.
     extra: algorithm-specific arrays (frozen reference params, a KL coefficient, ...); a pytree or None.
+    hparams: the run's continuous hyperparameters as float32 scalars, `{name: array}` (DPO's
+      `beta`, PPO's `clip`, ...; `lr_scale` multiplies every optimizer update). They reach the
+      step as data, never as Python constants, so one compiled step serves any value and a
+      sweep can stack runs on a leading axis and vmap over them.
   """
 
   step: jax.Array
@@ -33,12 +37,31 @@ class TrainState(struct.PyTreeNode):
   nonfinite: jax.Array
   halted_at: jax.Array
   extra: Any = None
+  hparams: Any = None
 
   @classmethod
-  def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array, extra=None):
+  def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array, extra=None,
+             hparams: dict | None = None):
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng,
-               nonfinite=jnp.zeros((), jnp.int32), halted_at=jnp.full((), -1, jnp.int32), extra=extra)
+               nonfinite=jnp.zeros((), jnp.int32), halted_at=jnp.full((), -1, jnp.int32), extra=extra,
+               hparams=as_hparams(hparams))
+
+  def hparam(self, name: str, default: float | None = None) -> jax.Array:
+    """The hyperparameter `name` (a float32 scalar), or `default` when the run has none."""
+    if self.hparams is not None and name in self.hparams:
+      return self.hparams[name]
+    if default is None:
+      raise KeyError(f"hyperparameter {name!r} is not in this run's state")
+    return jnp.asarray(default, jnp.float32)
 
   def step_rng(self) -> jax.Array:
     """The key for this step: a pure function of the run's key and the step number."""
     return jax.random.fold_in(self.rng, self.step)
+
+
+def as_hparams(values: dict | None) -> dict:
+  """`{name: float32 scalar}` with `lr_scale` (1 unless given), for `TrainState.hparams`."""
+  out = {"lr_scale": jnp.asarray(1.0, jnp.float32)}
+  for name, value in (values or {}).items():
+    out[name] = jnp.asarray(value, jnp.float32)
+  return out

@@ -2,12 +2,13 @@
 
 A loss function has the signature
 
-  loss_fn(params, batch, rng, extra) -> (loss_sum, count, metrics)
+  loss_fn(params, batch, rng, extra, hparams) -> (loss_sum, count, metrics)
 
 where `loss_sum / count` is the mean the gradient should follow (per token for LM losses, per
 sequence for preference losses). Accumulating sums and counts over micro-batches and dividing
 once makes k micro-batches give exactly the gradient of one big batch. `metrics` holds scalars
-that are averaged over micro-batches.
+that are averaged over micro-batches. `extra` and `hparams` are the state's (frozen arrays such as
+a reference model; the continuous hyperparameters as arrays, see `TrainState`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import optax
 from alignax.train.optimizer import current_lr
 from alignax.train.state import TrainState
 
-LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, jax.Array, dict]]
+LossFn = Callable[[Any, Any, jax.Array, Any, Any], tuple[jax.Array, jax.Array, dict]]
 NONFINITE_POLICIES = ("skip", "halt")
 
 
@@ -35,7 +36,7 @@ def split_microbatches(batch, accum_steps: int):
 
 
 def accumulate_gradients(loss_fn: LossFn, params, batch, rng: jax.Array, extra=None,
-                         accum_steps: int = 1):
+                         accum_steps: int = 1, hparams=None):
   """Sums of loss, count and gradients over `accum_steps` micro-batches of `batch`.
 
   Returns:
@@ -44,7 +45,7 @@ def accumulate_gradients(loss_fn: LossFn, params, batch, rng: jax.Array, extra=N
   """
   def grads_of(mb, key):
     def objective(p):
-      total, count, metrics = loss_fn(p, mb, key, extra)
+      total, count, metrics = loss_fn(p, mb, key, extra, hparams)
       return total, (count, metrics)
     (total, (count, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return total, count, grads, metrics
@@ -71,8 +72,11 @@ def all_finite(tree) -> jax.Array:
 
 
 def guarded_update(params, opt_state, grads, loss: jax.Array, optimizer: optax.GradientTransformation,
-                   allowed: jax.Array | bool = True):
+                   allowed: jax.Array | bool = True, lr_scale: jax.Array | None = None):
   """One optax update that is applied only when loss and gradients are finite (and `allowed`).
+
+  `lr_scale` multiplies the update (AdamW's whole update is proportional to the learning rate,
+  weight decay included, so this scales the learning rate exactly).
 
   Returns:
     (params, opt_state, finite): the updated or untouched params and optimizer state, and
@@ -81,6 +85,8 @@ def guarded_update(params, opt_state, grads, loss: jax.Array, optimizer: optax.G
   finite = jnp.isfinite(loss) & all_finite(grads)
   ok = finite & allowed
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  if lr_scale is not None:
+    updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
   new_params = optax.apply_updates(params, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   return keep(new_params, params), keep(new_opt_state, opt_state), finite
@@ -111,7 +117,7 @@ def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransform
   allowed = state.halted_at < 0
   lr = current_lr(state.opt_state)
   params, opt_state, finite = guarded_update(state.params, state.opt_state, grads, loss, optimizer,
-                                             allowed)
+                                             allowed, state.hparam("lr_scale", 1.0))
   new_state = record_finiteness(state.replace(params=params, opt_state=opt_state), finite,
                                 nonfinite_policy)
   metrics = {"grad_norm": optax.tree.norm(grads), "nonfinite": new_state.nonfinite,
@@ -148,7 +154,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                           f"each device gets in parallel.mode='pmap' (train.batch_size / devices)")
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     total, count, grad_sum, metrics = accumulate_gradients(
-        loss_fn, state.params, batch, rng, state.extra, accum_steps)
+        loss_fn, state.params, batch, rng, state.extra, accum_steps, state.hparams)
     if axis_name is not None:
       # --- pmap: sum over devices first, divide once (exact global-batch mean) ---
       total, count, grad_sum = jax.lax.psum((total, count, grad_sum), axis_name)

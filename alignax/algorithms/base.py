@@ -1,0 +1,97 @@
+"""An algorithm is a record of pure pieces, not a trainer class (optax's `GradientTransformation`
+idea applied to training stages).
+
+  ALGORITHM = Algorithm(
+      name="grpo", records="prompts", section="grpo",
+      hparams=("clip_low", "clip_high", "kl_coef"),
+      upstream={"init": "sft", "reward_model": "reward"},
+      build=build_run, export=export, validate=validate)
+
+`build(ctx) -> Run` returns the initial state, the pure step `(state, batch) -> (state, metrics)`,
+the checkpointable batch iterator and the evaluation; the shared runner does everything with side
+effects (placement, jit, the loop, checkpoints, signals) and then calls `export(ctx, state)`.
+`alignax.algorithms.registry` holds one line per algorithm and derives every stage list from the
+records (the CLI's `config.stage`, the pipeline's order and wiring, the report's models, which
+exports carry a chat template).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+RECORD_FORMATS = ("text", "sft", "preference", "unpaired", "prompts")
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """One training stage.
+
+  Attributes:
+    name: the stage name (`config.stage`, the pipeline's section and subdirectory).
+    records: the record schema it trains on (`alignax.data.schemas`): "text", "sft",
+      "preference" (or "unpaired" for KTO), "prompts".
+    section: the config section holding its own hyperparameters ("dpo", "ppo", ...), or None.
+    hparams: keys of `section` that are continuous: they enter the step as float32 arrays in
+      `TrainState.hparams` (never as Python constants), so one compiled step serves any value
+      and a sweep can vmap over them. Every run also has `lr_scale`.
+    upstream: config field -> the stage whose export it names, e.g. {"init": "sft",
+      "reward_model": "reward"}; `init` is the export the model (and tokenizer) comes from.
+    build: `(StageContext) -> Run`: initial state, pure step, batches, evaluation.
+    export: `(StageContext, TrainState) -> None`: writes WORKDIR/export when training finishes.
+    validate: `(ConfigDict) -> None`, stage-specific checks raising ConfigError naming the key.
+    chat: trains on chat-formatted conversations (its export carries the chat template, which
+      the stages built on it keep).
+    policy: its export is a language-model policy (the report samples it).
+    report_name: the policy's name in the report (default: `name`).
+    report_format: how the report prompts it: "chat" (the chat template) or "raw" (bare text).
+    optional: not run by default in the pipeline (a user adds it to `config.stages`).
+    needs: `(cfg) -> fields of upstream` this config actually uses (default: all of them; e.g.
+      GRPO without a reward-model source needs no reward-model run).
+  """
+
+  name: str
+  records: str
+  section: str | None
+  hparams: tuple[str, ...]
+  upstream: Mapping[str, str]
+  build: Callable
+  export: Callable
+  validate: Callable | None = None
+  chat: bool = True
+  policy: bool = True
+  report_name: str | None = None
+  report_format: str = "chat"
+  optional: bool = False
+  needs: Callable | None = None
+
+  def __post_init__(self):
+    if self.records not in RECORD_FORMATS:
+      raise ValueError(f"algorithm {self.name}: records must be one of {RECORD_FORMATS}")
+    if self.hparams and self.section is None:
+      raise ValueError(f"algorithm {self.name}: continuous hparams need a config section")
+    if self.report_format not in ("chat", "raw"):
+      raise ValueError(f"algorithm {self.name}: report_format must be 'chat' or 'raw'")
+
+  @property
+  def display_name(self) -> str:
+    return self.report_name or self.name
+
+  def hparams_of(self, cfg) -> dict[str, float]:
+    """The continuous hyperparameters' values in `cfg` (for `TrainState.create(hparams=...)`)."""
+    if not self.hparams:
+      return {}
+    section = cfg[self.section]
+    return {key: float(section[key]) for key in self.hparams}
+
+  def needed_upstream(self, cfg) -> tuple[str, ...]:
+    return tuple(self.needs(cfg)) if self.needs is not None else tuple(self.upstream)
+
+  def train(self, cfg):
+    """Runs the stage: its upstream exports first (when missing), then the shared runner."""
+    from alignax.algorithms.common import adopt_export, ensure_export
+    from alignax.train.runner import run_training
+    for field in self.needed_upstream(cfg):
+      ensure_export(cfg[field])
+    model = adopt_export(cfg, cfg.init.workdir) if "init" in self.upstream else None
+    return run_training(cfg, self.build, self.export, validate=self.validate, model_config=model)
