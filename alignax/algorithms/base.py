@@ -90,7 +90,12 @@ class Algorithm:
   def train(self, cfg):
     """Runs the stage: its upstream exports first (when missing), then the shared runner."""
     from alignax.algorithms.common import adopt_export, ensure_export
+    from alignax.config import validate_common
     from alignax.train.runner import run_training
+    # Bad keys fail before any upstream stage is run for this one.
+    validate_common(cfg)
+    if self.validate is not None:
+      self.validate(cfg)
     for field in self.needed_upstream(cfg):
       ensure_export(cfg[field])
     model = adopt_export(cfg, cfg.init.workdir) if "init" in self.upstream else None
