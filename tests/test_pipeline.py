@@ -7,17 +7,18 @@ import sys
 
 import pytest
 
-from cli_helpers import REPO, cli_env, run_cli
+from cli_helpers import REPO, cli_env, metric_rows, run_cli
 
 SMALL = ["pipeline", "--config=configs/pipeline.py:tiny", "--config.report.num_prompts=24",
          "--config.data.loader=memory", "--config.reward.reward.normalize_prompts=16"]
-for _stage, _steps in dict(pretrain=30, sft=12, reward=12, ppo=2, dpo=12).items():
+for _stage, _steps in dict(pretrain=30, sft=12, reward=12, ppo=2, grpo=2, rloo=2, dpo=12).items():
   SMALL += [f"--config.{_stage}.train.steps={_steps}", f"--config.{_stage}.train.progress=False",
             f"--config.{_stage}.train.eval_every=0"]
   if _stage != "pretrain":
     SMALL.append(f"--config.{_stage}.eval.num_prompts=16")
 
-MODELS = ("base", "sft", "ppo", "dpo")
+MODELS = ("base", "sft", "ppo", "grpo", "rloo", "dpo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo")
 METRICS = ("gold_reward", "win_rate_vs_sft", "kl_to_sft", "accuracy", "quiz_continuation_rate", "refusal_rate")
 
 
@@ -25,7 +26,7 @@ METRICS = ("gold_reward", "win_rate_vs_sft", "kl_to_sft", "accuracy", "quiz_cont
 def pipeline_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
   proc = run_cli(*SMALL, f"--config.workdir={workdir}", timeout=1500)
-  assert "[5/5] dpo" in proc.stdout
+  assert "[7/7] dpo" in proc.stdout
   return workdir
 
 
@@ -40,7 +41,7 @@ def test_pipeline_report_has_every_model_metric_and_plot(pipeline_dir):
   assert report["models"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)  # same model
   assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
   assert 0.0 <= report["reward_model"]["gold_agreement"] <= 1.0
-  for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
+  for stage in STAGES:
     assert report["stages"][stage]["seconds"] > 0
   md = open(os.path.join(pipeline_dir, "report.md")).read()
   for prompt in report["showcase"]["prompts"]:
@@ -57,7 +58,7 @@ def test_rerunning_a_finished_pipeline_skips_every_stage(pipeline_dir):
                          f"--config.workdir={pipeline_dir}"], cwd=REPO, env=cli_env(),
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.count("finished earlier") == 5
+  assert proc.stdout.count("finished earlier") == len(STAGES)
   assert "report: up to date" in proc.stdout
 
 
@@ -82,3 +83,24 @@ def test_walkthrough_notebook_executes(pipeline_dir):
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert all(f"{stage:>8}:" in text for stage in ("pretrain", "sft", "ppo", "dpo"))
   assert sum(1 for o in outputs if "image/png" in o.get("data", {})) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_rl_stages_train_under_pmap_on_8_devices(pipeline_dir, tmp_path, stage):
+  """`--config.parallel.mode=pmap` on 8 simulated devices, from the pipeline's SFT and reward
+  model; GRPO scores with a weighted sum of the reward model and the gold labeler (a Python
+  function called from the compiled iteration)."""
+  workdir = str(tmp_path / stage)
+  extra = ["--config.rewards.functions=alignax.tasks.world_gold:gold_reward=0.5"] if stage == "grpo" else []
+  run_cli("train", f"--config=configs/{stage}.py:tiny", f"--config.workdir={workdir}",
+          f"--config.init.workdir={pipeline_dir}/sft", f"--config.reward_model.workdir={pipeline_dir}/reward",
+          "--config.parallel.mode=pmap", "--config.train.steps=2", "--config.train.eval_every=0",
+          "--config.eval.num_prompts=16", "--config.data.loader=memory", "--config.train.progress=False",
+          *extra, devices=8)
+  rows = [r for r in metric_rows(workdir) if "train/loss" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(r["train/applied"] == 1.0 and r["train/loss"] == r["train/loss"] for r in rows)
+  if stage == "grpo":
+    assert all("train/score_functions" in r and "train/score_model" in r for r in rows)
+  assert os.path.exists(os.path.join(workdir, "export", "export.json"))
