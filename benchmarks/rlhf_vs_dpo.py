@@ -3,10 +3,12 @@
   python benchmarks/rlhf_vs_dpo.py --base=runs/pipeline_tiny
   python benchmarks/rlhf_vs_dpo.py --base=runs/pipeline_tiny --dpo_betas=0.03,0.1,0.3 \
       --ppo_targets=0.5,1,2 --seeds=0,1
+  python benchmarks/rlhf_vs_dpo.py --methods=ppo,grpo,rloo,dpo,ipo,simpo --grpo_kl_coefs=0.02,0.05
 
 From the SFT and reward-model exports of a pipeline directory (its first three stages are run
-first when missing), trains DPO for each beta and PPO (adaptive KL controller) for each KL target,
-per seed, evaluating every `--eval_every` steps: gold reward and sequence KL to the SFT reference
+first when missing), trains each of `--methods` over its own knob, per seed: the DPO family
+(dpo, ipo, simpo, ... = `dpo.loss_type`) over `--dpo_betas`, PPO (adaptive KL controller) over
+`--ppo_targets`, GRPO and RLOO over their KL coefficients (`--grpo_kl_coefs`, `--rloo_kl_coefs`), evaluating every `--eval_every` steps: gold reward and sequence KL to the SFT reference
 of fresh samples (as in the DPO paper's sentiment frontier), and for PPO also the reward model's
 (proxy) score of the same samples against their gold reward (over-optimization, Gao et al. 2022).
 Writes results.csv, results.json, frontier.png and overoptimization.png to --out.
@@ -28,6 +30,11 @@ _TARGETS = flags.DEFINE_string("ppo_targets", "0.5,1,2", "PPO KL targets (nats p
 _HORIZON = flags.DEFINE_integer("ppo_horizon", 160, "Samples over which PPO's KL controller moves its "
                                 "coefficient (Ziegler et al. use 10000 over far longer runs; with "
                                 "40 iterations of 32 prompts that would hold it fixed).")
+_METHODS = flags.DEFINE_list("methods", ["dpo", "ppo"], "Methods: ppo, grpo, rloo, and DPO-family "
+                             "loss types (dpo = sigmoid, ipo, simpo, robust, hinge, orpo).")
+_GRPO_KL = flags.DEFINE_string("grpo_kl_coefs", "0.02,0.05", "GRPO KL coefficients.")
+_RLOO_KL = flags.DEFINE_string("rloo_kl_coefs", "0.02,0.05", "RLOO KL coefficients.")
+_GROUP_STEPS = flags.DEFINE_integer("group_steps", 60, "GRPO / RLOO iterations per run.")
 _SEEDS = flags.DEFINE_string("seeds", "0", "Seeds.")
 _DPO_STEPS = flags.DEFINE_integer("dpo_steps", 150, "DPO steps per run.")
 _PPO_STEPS = flags.DEFINE_integer("ppo_steps", 40, "PPO iterations per run.")
@@ -75,13 +82,25 @@ def ensure_base(cfg) -> None:
         raise SystemExit(f"{name} stopped before finishing; rerun to resume")
 
 
+RL_METHODS = ("ppo", "grpo", "rloo")
+
+
+def stage_of(method: str) -> str:
+  return method if method in RL_METHODS else "dpo"
+
+
+def knob(method: str) -> str:
+  return {"ppo": "KL target", "grpo": "KL coef", "rloo": "KL coef"}.get(method, "beta")
+
+
 def run_setting(cfg, method: str, value: float, seed: int, out: str) -> str:
-  """Trains one PPO or DPO run (skipped when finished); returns its workdir."""
+  """Trains one run of `method` at its knob's `value` (skipped when finished); returns its workdir."""
   from alignax import checkpoint as ckpt_lib
   from alignax.algorithms import run_stage
   from alignax.pipeline import stage_config
-  scfg = stage_config(cfg, method)
-  tag = f"{method}_{'beta' if method == 'dpo' else 'kl'}{value:g}_seed{seed}"
+  stage = stage_of(method)
+  scfg = stage_config(cfg, stage)
+  tag = f"{method}_{'kl' if method in RL_METHODS else 'beta'}{value:g}_seed{seed}"
   with scfg.unlocked():
     scfg.workdir = os.path.join(out, "runs", tag)
     scfg.seed = seed
@@ -89,9 +108,13 @@ def run_setting(cfg, method: str, value: float, seed: int, out: str) -> str:
     scfg.train.progress = True
     scfg.eval.num_prompts = _PROMPTS.value
     scfg.eval.showcase = False
-    if method == "dpo":
+    if stage == "dpo":
+      scfg.dpo.loss_type = "sigmoid" if method == "dpo" else method
       scfg.dpo.beta = value
       scfg.train.steps = _DPO_STEPS.value
+    elif method in ("grpo", "rloo"):
+      scfg[method].kl_coef = value
+      scfg.train.steps = _GROUP_STEPS.value
     else:
       scfg.ppo.adaptive_kl = True
       scfg.ppo.target_kl = value
@@ -123,13 +146,14 @@ def plot(rows: list[dict], out: str) -> list[str]:
   written = []
   fig, ax = plt.subplots(figsize=(6, 4.5))
   settings = sorted({(r["method"], r["setting"], r["seed"]) for r in rows})
-  cmaps = {"dpo": plt.cm.Greens, "ppo": plt.cm.Oranges}
-  for method in ("dpo", "ppo"):
+  palette = (plt.cm.Oranges, plt.cm.Greens, plt.cm.Blues, plt.cm.Purples, plt.cm.Reds, plt.cm.Greys)
+  methods = list(dict.fromkeys(s[0] for s in settings))
+  for m_i, method in enumerate(methods):
     mine = [s for s in settings if s[0] == method]
     for k, key in enumerate(mine):
       pts = sorted((r for r in rows if (r["method"], r["setting"], r["seed"]) == key), key=lambda r: r["step"])
-      color = cmaps[method](0.4 + 0.6 * (k + 1) / max(len(mine), 1))
-      label = f"{method.upper()} {'beta' if method == 'dpo' else 'KL target'} {key[1]:g} (seed {key[2]})"
+      color = palette[m_i % len(palette)](0.4 + 0.6 * (k + 1) / max(len(mine), 1))
+      label = f"{method.upper()} {knob(method)} {key[1]:g} (seed {key[2]})"
       ax.plot([p["kl"] for p in pts], [p["gold_reward"] for p in pts], marker="o", ms=3, color=color, label=label)
   ax.set_xlabel("KL(policy || SFT reference), nats per sequence")
   ax.set_ylabel("gold reward")
@@ -172,11 +196,15 @@ def main(_):
   cfg = pipeline_config(_BASE.value, _PRESET.value, _OVERRIDES.value)
   ensure_base(cfg)
   rows = []
+  values = {"ppo": _TARGETS.value, "grpo": _GRPO_KL.value, "rloo": _RLOO_KL.value}
+  from alignax.losses.preference import LOSS_TYPES
+  for method in _METHODS.value:
+    if method not in RL_METHODS and method != "dpo" and method not in LOSS_TYPES:
+      raise SystemExit(f"--methods: unknown method {method!r}")
   for seed in (int(s) for s in _SEEDS.value.split(",")):
-    for beta in (float(b) for b in _BETAS.value.split(",") if b):
-      rows += collect(run_setting(cfg, "dpo", beta, seed, out), "dpo", beta, seed)
-    for target in (float(t) for t in _TARGETS.value.split(",") if t):
-      rows += collect(run_setting(cfg, "ppo", target, seed, out), "ppo", target, seed)
+    for method in _METHODS.value:
+      for value in (float(v) for v in values.get(method, _BETAS.value).split(",") if v):
+        rows += collect(run_setting(cfg, method, value, seed, out), method, value, seed)
   with open(os.path.join(out, "results.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -1,11 +1,13 @@
 """The standard CPU workload of ../shared/PERFORMANCE.md, next to the peers' figures.
 
-  python benchmarks/workload.py [--tasks=sft,reward,dpo,ppo] [--steps=10]
+  python benchmarks/workload.py [--tasks=sft,reward,dpo,ppo,grpo,rloo] [--steps=10]
 
 Llama-style 4 layers, 4 heads, d_model 256, MLP 1024, vocab 512, untied (4.46M params), float32;
 sequences of 64 prompt + 64 completion tokens; batch 8 sequences (SFT) or 8 pairs (RM, DPO);
 PPO: 8 prompts x 64 new tokens, one policy/value update per iteration, KL coefficient 0.04 (the
-reference runs every iteration). AdamW, weight decay 0, clip 1.0, constant lr. Time = median
+reference runs every iteration); GRPO and RLOO: 8 prompts x 4 samples x 64 new tokens, KL
+coefficient 0.04 (reference forward every iteration), reward from a Python function called from
+the compiled iteration (the fraction of even token ids, as in peerbench's common.py). AdamW, weight decay 0, clip 1.0, constant lr. Time = median
 step after warm-up (compilation excluded). Each step is alignax's own jitted, donated train step
 with random params and synthetic batches. Differences from the peers' setup are printed.
 """
@@ -18,13 +20,14 @@ import sys
 
 from absl import app, flags
 
-_TASKS = flags.DEFINE_string("tasks", "sft,reward,dpo,ppo", "Comma-separated tasks.")
+_TASKS = flags.DEFINE_string("tasks", "sft,reward,dpo,ppo,grpo,rloo", "Comma-separated tasks.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per task.")
 _OUT = flags.DEFINE_string("out", "", "JSON path (default benchmarks/results/workload_<platform>.json).")
 
 PEERS = {  # median seconds per step, PERFORMANCE.md (TRL 1.16 / torch 2.13 CPU; Tunix 0.1.7 / JAX 0.10.2)
     "sft": (0.226, 0.209, 0.12), "reward": (0.445, 0.426, 0.24), "dpo": (0.580, 0.503, 0.30),
     "ppo": (None, 0.730, 0.20),
+    "grpo": (1.472, 1.441, 0.43), "rloo": (1.724, 1.447, 0.43),
 }
 NOTES = {
     "ppo": "reward from alignax's reward model (a transformer forward), plus a value model, "
@@ -50,6 +53,65 @@ def _lm_batch(rng, b, t, vocab, prompt=64):
   return dict(tokens=rng.integers(0, vocab, (b, t)).astype(np.int32),
               positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
               segment_ids=np.ones((b, t), np.int32), loss_mask=mask)
+
+
+class WordTokenizer:
+  """The peer workload's vocabulary for decoding: id i >= 4 is the word "t<i>"."""
+
+  eos_id, pad_id = 1, 0
+
+  def decode(self, ids):
+    return " ".join(f"t{int(i)}" for i in ids)
+
+
+def even_fraction(prompts, responses):
+  """The peer workload's reward: the fraction of even token ids in each decoded completion."""
+  import re
+  out = []
+  for text in responses:
+    ids = [int(m) for m in re.findall(r"t(\d+)", text)]
+    out.append(sum(1 for i in ids if i % 2 == 0) / max(len(ids), 1))
+  return out
+
+
+def _group_step(task, lm, params, optimizer, model, b, rng):
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+
+  from alignax.algorithms import online
+  from alignax.generation import SamplingConfig
+  from alignax.losses import rl
+  from alignax.train.state import TrainState
+  prompts = rng.integers(4, model.vocab_size, (b, 64)).astype(np.int32)
+  records = [{"prompt": WordTokenizer().decode(p)} for p in prompts]
+  host = online.HostRewards([online.RewardFunction("workload:even_fraction", even_fraction, 1.0, ())],
+                            records, WordTokenizer())
+  sources = online.RewardSources(None, 0.0, host)
+  if task == "grpo":
+    gcfg = dict(kl_in="loss", kl_estimator="k3_weighted", loss_agg="seq_mean_token_mean")
+    adv = lambda r, g, hp: rl.group_advantages(r, g, scale_by_std=True)
+    hparams = dict(clip_low=0.2, clip_high=0.2)
+    clip = lambda hp: (hp["clip_low"], hp["clip_high"])
+  else:
+    gcfg = dict(kl_in="reward", kl_estimator="k1", loss_agg="seq_mean_token_sum_norm")
+    adv = lambda r, g, hp: rl.rloo_advantages(r, g)
+    hparams = dict(clip=0.2)
+    clip = lambda hp: (hp["clip"], hp["clip"])
+  gcfg = ml_collections.ConfigDict(dict(gcfg, group_size=4, num_iterations=1, num_minibatches=1,
+                                        skip_zero_variance=False))
+  sampling = SamplingConfig(temperature=1.0, max_new_tokens=64)
+  # eos id outside the vocabulary: every response runs the full 64 tokens, as in the workload.
+  step = online.make_group_iteration(lm, sources, optimizer, gcfg, sampling, model.vocab_size + 1, 0,
+                                     "skip", adv, clip)
+  state = TrainState.create(jax.tree.map(jnp.copy, params), optimizer, jax.random.key(0),
+                            extra=online.RLState(ref=jax.tree.map(jnp.copy, params), reward=None,
+                                                 kl_coef=jnp.asarray(0.04, jnp.float32)),
+                            hparams=hparams)
+  batch = dict(tokens=prompts, mask=np.ones((b, 64), bool), valid=np.ones(b, np.float32),
+               index=np.arange(b, dtype=np.int32))
+  return step, state, batch, sources
 
 
 def bench_task(task: str, steps: int) -> dict:
@@ -89,19 +151,24 @@ def bench_task(task: str, steps: int) -> dict:
                                 extra={"ref": jax.tree.map(jnp.copy, params)},
                                 hparams=dict(beta=0.1, label_smoothing=0.0, gamma=0.0))
   elif task == "ppo":
+    from alignax.algorithms import online
     rm, rm_params = build_scalar_model(model, 1, backbone=params)
-    pcfg = mlc.ConfigDict(dict(epochs=1, num_minibatches=1, clip=0.2, vf_clip=0.2, vf_coef=0.1, gamma=1.0,
-                               lam=0.95, kl_estimator="k1", adaptive_kl=False, target_kl=6.0, horizon=10000,
-                               whiten_rewards=False, apply_no_eos_score=True, no_eos_score=-1.0))
+    pcfg = mlc.ConfigDict(dict(epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
+                               adaptive_kl=False, whiten_rewards=False, apply_no_eos_score=True))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=64)
     # eos id outside the vocabulary: every response runs the full 64 tokens, as in the workload.
-    step = ppo.make_ppo_iteration(lm, rm, rm, optimizer, pcfg, sampling, model.vocab_size + 1, 0, "skip", b)
+    step = ppo.make_ppo_iteration(lm, rm, online.RewardSources(rm, 1.0), optimizer, pcfg, sampling,
+                                  model.vocab_size + 1, 0, "skip", b)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     state = TrainState.create({"policy": copy(params), "value": copy(rm_params)}, optimizer, jax.random.key(0),
-                              extra={"ref": copy(params), "reward": rm_params,
-                                     "kl_coef": jnp.asarray(0.04, jnp.float32)})
+                              extra=online.RLState(ref=copy(params), reward=rm_params,
+                                                   kl_coef=jnp.asarray(0.04, jnp.float32)),
+                              hparams=dict(clip=0.2, vf_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
+                                           target_kl=6.0, horizon=10000.0, no_eos_score=-1.0))
     batch = dict(tokens=rng.integers(0, model.vocab_size, (b, 64)).astype(np.int32),
-                 mask=np.ones((b, 64), bool), valid=np.ones(b, np.float32))
+                 mask=np.ones((b, 64), bool), valid=np.ones(b, np.float32), index=np.arange(b, dtype=np.int32))
+  elif task in ("grpo", "rloo"):
+    step, state, batch, sources = _group_step(task, lm, params, optimizer, model, b, rng)
   else:
     raise ValueError(task)
   jitted = jax.jit(step, donate_argnums=0)
@@ -110,6 +177,8 @@ def bench_task(task: str, steps: int) -> dict:
   def run():
     holder["state"], m = jitted(holder["state"], batch)
     jax.block_until_ready(m)
+    if task in ("grpo", "rloo"):
+      sources.check()
 
   run()  # compile
   median, times = flops.median_seconds(run, warmup=2, repeats=steps)
