@@ -5,6 +5,10 @@
       jax.distributed on localhost:P; trains the shared 5-step problem (`problem`) on the
       LAYOUTS named (default all), this process feeding its rows of each global batch; process 0
       writes {name: [loss, ...]} to F.
+  python tests/multihost_worker.py rl --port=P --process_id=I --num_processes=N --out=F \
+      [--layouts=NAME,...] [--kinds=ppo,rloo]
+      the same for two iterations of the RL problem (`rl_problem`) of each kind; process 0 writes
+      {kind: {name: [[loss, score, kl, grad_norm], ...]}} to F.
   python tests/multihost_worker.py reference --shards=N -- --config=... [--config.key=v ...]
       A single-process `alignax train` whose data iterators read N shards and concatenate them
       in shard order: the global batches an N-process run assembles, as the reference its
@@ -102,6 +106,125 @@ def train_losses(mode: str, mesh: dict, rows: slice | None = None, devices=None)
   return losses, placement, state
 
 
+# ------------------------------------------------------------------------------ the RL problem
+
+RL_PROMPTS, RL_PROMPT_LEN, RL_NEW = 8, 16, 12
+
+
+def count_a(prompts, responses):
+  """A Python reward: the number of 'a' characters in the response."""
+  return [float(r.count("a")) for r in responses]
+
+
+def rl_problem(kind: str, host_reward: bool = False):
+  """(model config, host state, iteration, host prompt batch) of a tiny PPO / GRPO / RLOO problem:
+  the policy, reference and reward model from one small Llama, 8 prompts, 12 new tokens, Adam;
+  GRPO adds a Python reward function when `host_reward`."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  import optax
+
+  from alignax.algorithms import online, ppo
+  from alignax.data.chat import encode_prompt
+  from alignax.data.tokenizer import ByteTokenizer
+  from alignax.generation.sampler import SamplingConfig
+  from alignax.losses import rl
+  from alignax.models import build_lm, llama_style
+  from alignax.models.heads import build_scalar_model
+  from alignax.train.state import TrainState
+
+  tok = ByteTokenizer()
+  model = llama_style(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=64)
+  lm, params = build_lm(model, 0)
+  rm, rm_params = build_scalar_model(model, 1, backbone=params)
+  params, rm_params = jax.device_get((params, rm_params))
+  prompts = [f"Question {i}?" for i in range(RL_PROMPTS)]
+  tokens = np.full((RL_PROMPTS, RL_PROMPT_LEN), tok.pad_id, np.int32)
+  mask = np.zeros((RL_PROMPTS, RL_PROMPT_LEN), bool)
+  for i, p in enumerate(prompts):
+    ids = encode_prompt(tok, p)[-RL_PROMPT_LEN:]
+    tokens[i, RL_PROMPT_LEN - len(ids):], mask[i, RL_PROMPT_LEN - len(ids):] = ids, True
+  batch = dict(tokens=tokens, mask=mask, valid=np.ones(RL_PROMPTS, np.float32),
+               index=np.arange(RL_PROMPTS, dtype=np.int32))
+  host = None
+  if host_reward:
+    host = online.HostRewards([online.RewardFunction("worker:count_a", count_a, 1.0, ())],
+                              [{"prompt": p} for p in prompts], tok)
+  sources = online.RewardSources(rm, 1.0, host)
+  optimizer = optax.adam(1e-3)
+  sampling = SamplingConfig(temperature=1.0, max_new_tokens=RL_NEW)
+  extra = online.RLState(ref=params, reward=rm_params, kl_coef=np.float32(0.05))
+  if kind == "ppo":
+    pcfg = ml_collections.ConfigDict(dict(epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
+                                          adaptive_kl=False, whiten_rewards=False, apply_no_eos_score=False))
+    state = TrainState.create({"policy": params, "value": rm_params}, optimizer, jax.random.key(0), extra=extra,
+                              hparams=dict(clip=0.2, vf_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
+                                           target_kl=6.0, horizon=10000.0, no_eos_score=-1.0))
+    step = ppo.make_ppo_iteration(lm, rm, sources, optimizer, pcfg, sampling, tok.eos_id, tok.pad_id,
+                                  "skip", RL_PROMPTS)
+    return model, state, step, batch
+  if kind == "grpo":
+    gcfg = dict(kl_in="loss", kl_estimator="k3_weighted", loss_agg="seq_mean_token_mean")
+    adv = lambda r, g, hp: rl.group_advantages(r, g, scale_by_std=True)
+    clip, hparams = (lambda hp: (hp["clip_low"], hp["clip_high"])), dict(clip_low=0.2, clip_high=0.28)
+  else:
+    gcfg = dict(kl_in="reward", kl_estimator="k1", loss_agg="seq_mean_token_sum_norm")
+    adv = lambda r, g, hp: rl.rloo_advantages(r, g)
+    clip, hparams = (lambda hp: (hp["clip"], hp["clip"])), dict(clip=0.2)
+  gcfg = ml_collections.ConfigDict(dict(gcfg, group_size=2, num_iterations=1, num_minibatches=1,
+                                        skip_zero_variance=False))
+  state = TrainState.create(params, optimizer, jax.random.key(0), extra=extra, hparams=hparams)
+  step = online.make_group_iteration(lm, sources, optimizer, gcfg, sampling, tok.eos_id, tok.pad_id,
+                                     "skip", adv, clip)
+  return model, state, step, batch
+
+
+def rl_losses(kind: str, mode: str, mesh: dict, rows=None, steps: int = 2, host_reward: bool = False):
+  """[[loss, score, kl, grad_norm] per iteration] of the RL problem on a layout (this process
+  feeding `rows` of the prompt batch)."""
+  import jax
+  import ml_collections
+
+  from alignax import parallel
+  model, state, step, batch = rl_problem(kind, host_reward)
+  placement = parallel.make_placement(ml_collections.ConfigDict(dict(mode=mode, mesh=mesh)), model,
+                                      RL_PROMPTS)
+  state = placement.put_state(state)
+  fn = placement.jit_step(step, state)
+  if rows is not None:
+    batch = {k: v[rows] for k, v in batch.items()}
+  out = []
+  for _ in range(steps):
+    state, m = fn(state, placement.put_batch(batch))
+    m = jax.device_get(m)
+    out.append([float(m[k]) for k in ("loss", "score", "kl", "grad_norm")])
+  return out
+
+
+def main_rl(args) -> None:
+  import jax
+  import ml_collections
+
+  from alignax import parallel
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  parallel.maybe_initialize_distributed(ml_collections.ConfigDict(dict(
+      coordinator=f"localhost:{args.port}", num_processes=args.num_processes,
+      process_id=args.process_id)))
+  n = RL_PROMPTS // jax.process_count()
+  rows = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+  names = args.layouts.split(",") if args.layouts else ["data=8", "pmap over 8"]
+  results = {kind: {name: rl_losses(kind, *LAYOUTS[name], rows) for name in names}
+             for kind in args.kinds.split(",")}
+  if jax.process_index() == 0:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(results, f)
+  jax.distributed.shutdown()
+
+
 def main_steps(args) -> None:
   import jax
   import ml_collections
@@ -177,16 +300,19 @@ def main() -> None:
     i = argv.index("--")
     argv, config_argv = argv[:i], argv[i + 1:]
   parser = argparse.ArgumentParser()
-  parser.add_argument("command", choices=("steps", "reference"))
+  parser.add_argument("command", choices=("steps", "reference", "rl"))
   parser.add_argument("--port", type=int)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--out", default="")
   parser.add_argument("--shards", type=int, default=2)
   parser.add_argument("--layouts", default="", help="comma-separated names from LAYOUTS (default all)")
+  parser.add_argument("--kinds", default="ppo,rloo", help="RL problems for the rl command")
   args = parser.parse_args(argv)
   if args.command == "steps":
     main_steps(args)
+  elif args.command == "rl":
+    main_rl(args)
   else:
     main_reference(args, config_argv)
 

@@ -78,6 +78,23 @@ def test_two_processes_train_to_the_one_device_losses(tmp_path):
     assert all(_rel(a, b) <= 1e-5 for a, b in zip(losses, reference)), (name, losses, reference)
 
 
+def test_two_processes_run_rl_iterations_like_one_device(tmp_path):
+  """PPO and RLOO iterations (rollout, reward model, update) on jit data=8 and pmap over 8
+  devices split over two processes reach the 1-device numbers."""
+  from multihost_worker import rl_losses
+  out = tmp_path / "rl.json"
+  port = _free_port()
+  procs = [_start([sys.executable, WORKER, "rl", f"--port={port}", f"--process_id={i}", "--num_processes=2",
+                   f"--out={out}", "--kinds=ppo,rloo"], tmp_path / f"rl{i}.log", devices=4) for i in range(2)]
+  reference = {k: rl_losses(k, "jit", dict(data=1, fsdp=1, tensor=1)) for k in ("ppo", "rloo")}
+  _wait_all(procs)
+  results = json.loads(out.read_text())
+  for kind, layouts in results.items():
+    for name, rows in layouts.items():
+      for got, want in zip(rows, reference[kind]):
+        assert all(abs(a - b) <= 2e-4 * abs(b) + 2e-5 for a, b in zip(got, want)), (kind, name, rows, reference[kind])
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -9,7 +9,6 @@ import numpy as np
 import optax
 import pytest
 
-from alignax import parallel
 from alignax.algorithms import online, ppo
 from alignax.data.chat import encode_prompt
 from alignax.data.tokenizer import ByteTokenizer
@@ -19,6 +18,7 @@ from alignax.losses import rl
 from alignax.models import build_lm
 from alignax.models.heads import build_scalar_model
 from alignax.train.state import TrainState
+from multihost_worker import rl_losses
 
 TOK = ByteTokenizer()
 PROMPTS = [f"Question {i}?" for i in range(8)]
@@ -239,39 +239,17 @@ def test_reward_function_specs_are_checked_before_compiling():
 # ------------------------------------------------------------------------------ layouts
 
 
-def _parallel_cfg(mode, **mesh):
-  full = dict(data=1, fsdp=1, tensor=1)
-  full.update(mesh)
-  return ml_collections.ConfigDict(dict(mode=mode, mesh=full))
-
-
-LAYOUTS = {"pmap over 8": ("pmap", dict(data=8)), "data=8": ("jit", dict(data=8)),
+LAYOUTS = {"pmap over 8": ("pmap", dict(data=8, fsdp=1, tensor=1)),
+           "data=8": ("jit", dict(data=8, fsdp=1, tensor=1)),
            "data2 x fsdp2 x tensor2": ("jit", dict(data=2, fsdp=2, tensor=2))}
 
 
-def _run(kind, models, mode, mesh, steps=2):
-  lm, params, rm, rm_params = models
-  optimizer = optax.adam(1e-3)
-  if kind == "ppo":
-    state, step = _ppo_setup(models, optimizer)
-  elif kind == "grpo":
-    state, step = _group_setup(models, optimizer, sources=online.RewardSources(rm, 1.0, host(count_a)))
-  else:
-    state, step = _group_setup(models, optimizer, kind="rloo")
-  placement = parallel.make_placement(_parallel_cfg(mode, **mesh), lm.config, 8)
-  state = placement.put_state(online.copy_tree(state))  # the step donates it
-  fn = placement.jit_step(step, state)
-  out = []
-  for _ in range(steps):
-    state, m = fn(state, placement.put_batch(prompt_batch()))
-    m = jax.device_get(m)
-    out.append([float(m[k]) for k in ("loss", "score", "kl", "grad_norm")])
-  return np.asarray(out)
-
-
 @pytest.mark.parametrize("kind", ["ppo", "grpo", "rloo"])
-def test_rl_iterations_reach_the_one_device_losses_on_every_layout(kind, models):
-  reference = _run(kind, models, "jit", dict(data=1))
+def test_rl_iterations_reach_the_one_device_losses_on_every_layout(kind):
+  """Sampling keys per global row, whitening and metrics over every device, psum'd gradient
+  sums: two iterations on each layout match one device (GRPO with a Python reward too)."""
+  host_reward = kind == "grpo"
+  reference = np.asarray(rl_losses(kind, "jit", dict(data=1, fsdp=1, tensor=1), host_reward=host_reward))
   for name, (mode, mesh) in LAYOUTS.items():
-    got = _run(kind, models, mode, mesh)
+    got = np.asarray(rl_losses(kind, mode, mesh, host_reward=host_reward))
     np.testing.assert_allclose(got, reference, rtol=2e-4, atol=2e-5, err_msg=f"{kind} on {name}")

@@ -104,3 +104,27 @@ def test_rl_stages_train_under_pmap_on_8_devices(pipeline_dir, tmp_path, stage):
   if stage == "grpo":
     assert all("train/score_functions" in r and "train/score_model" in r for r in rows)
   assert os.path.exists(os.path.join(workdir, "export", "export.json"))
+
+
+@pytest.mark.slow
+def test_a_failing_reward_function_stops_the_run_with_its_name_and_record_after_saving(pipeline_dir, tmp_path):
+  workdir = str(tmp_path / "grpo")
+  env = cli_env()
+  env["ALIGNAX_TEST_COUNTER"] = str(tmp_path / "calls")
+  args = ["train", "--config=configs/grpo.py:tiny", f"--config.workdir={workdir}",
+          f"--config.init.workdir={pipeline_dir}/sft", "--config.rewards.model=0",
+          "--config.rewards.functions=tests.reward_fixtures:fails_on_second_batch",
+          "--config.train.steps=4", "--config.train.eval_every=0", "--config.eval.num_prompts=16",
+          "--config.data.loader=memory", "--config.train.progress=False"]
+  proc = subprocess.run([sys.executable, "-m", "alignax.cli", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("alignax: error: reward function tests.reward_fixtures:fails_on_second_batch "
+                         "raised RuntimeError: the scoring service is down on prompt record")
+  assert "iteration 2 was not applied" in last and "Traceback" not in proc.stderr
+  # Saved at the failing step, with the first iteration's update and no non-finite step counted.
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps[-1] == 2
+  rows = [r for r in metric_rows(workdir) if "train/loss" in r]
+  assert [r["step"] for r in rows] == [1]  # the failed step logged nothing
