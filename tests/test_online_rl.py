@@ -13,7 +13,8 @@ from alignax.algorithms import online, ppo
 from alignax.data.chat import encode_prompt
 from alignax.data.tokenizer import ByteTokenizer
 from alignax.generation.sampler import SamplingConfig
-from alignax.generation.scoring import response_logprobs, response_scores
+from alignax.generation.sampler import generate
+from alignax.generation.scoring import grouped_response_logprobs, response_logprobs, response_scores
 from alignax.losses import rl
 from alignax.models import build_lm
 from alignax.models.heads import build_scalar_model
@@ -185,6 +186,27 @@ def test_weighted_reward_sources_add_up(models):
   state1, step1 = _group_setup(models, optax.sgd(0.0), sources=single)
   _, m1 = jax.jit(step1)(state1, prompt_batch())
   assert float(m["score_functions"]) == pytest.approx(3.0 * float(m1["score"]), rel=1e-5)
+
+
+def test_grouped_forward_equals_the_forward_of_repeated_prompts(models):
+  """Each prompt through the model once, its cache repeated for the group: the same logprobs and
+  gradients as running every row's prompt (left padding of different lengths included)."""
+  lm, params, _, _ = models
+  batch = prompt_batch()
+  g = 3
+  r = generate(lm, SamplingConfig(temperature=1.0, max_new_tokens=N_NEW), TOK.eos_id, TOK.pad_id, params,
+               batch["tokens"], batch["mask"], jax.random.key(1), group_size=g)
+  assert r.tokens.shape == (8 * g, N_NEW) and float(jnp.min(r.mask[:, 0])) == 1.0
+  np.testing.assert_array_equal(r.prompt_tokens, np.repeat(batch["tokens"], g, axis=0))
+  full = lambda p: response_logprobs(lm, p, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask)
+  grouped = lambda p: grouped_response_logprobs(lm, p, batch["tokens"], batch["mask"], r.tokens, r.mask, g)
+  np.testing.assert_allclose(grouped(params), full(params), atol=1e-5)
+  np.testing.assert_allclose(r.logprobs, full(params), atol=2e-5)  # the sampler's own logprobs
+  weights = jax.random.normal(jax.random.key(2), r.tokens.shape)
+  g_full = jax.grad(lambda p: jnp.sum(full(p) * weights))(params)
+  g_grp = jax.grad(lambda p: jnp.sum(grouped(p) * weights))(params)
+  for a, b in zip(jax.tree.leaves(g_grp), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-7)
 
 
 # ------------------------------------------------------------------------------ failures

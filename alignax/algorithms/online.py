@@ -36,7 +36,7 @@ from alignax.algorithms.common import process_batch_size, shard_args
 from alignax.config import ConfigDict, ConfigError
 from alignax.data import pipeline, sources
 from alignax.generation.sampler import Rollout, SamplingConfig, generate
-from alignax.generation.scoring import response_logprobs, response_scores
+from alignax.generation.scoring import grouped_response_logprobs, response_logprobs, response_scores
 from alignax.losses import rl
 from alignax.train.optimizer import current_lr
 from alignax.train.state import TrainState
@@ -86,10 +86,10 @@ def sample(lm, sampling: SamplingConfig, eos_id: int, pad_id: int, params, batch
     out; valid [B]; index [B], the prompt record of each row, -1 for filler).
   """
   rep = lambda x: jnp.repeat(x, group_size, axis=0)
-  prompt_tokens, prompt_mask = rep(batch["tokens"]), rep(batch["mask"])
   valid, index = rep(batch["valid"]), rep(batch["index"])
-  rows = global_rows(prompt_tokens.shape[0], axis_name)
-  rollout = generate(lm, sampling, eos_id, pad_id, params, prompt_tokens, prompt_mask, key, row_ids=rows)
+  rows = global_rows(valid.shape[0], axis_name)
+  rollout = generate(lm, sampling, eos_id, pad_id, params, batch["tokens"], batch["mask"], key,
+                     row_ids=rows, group_size=group_size)
   return rollout.masked(valid), valid, index
 
 
@@ -363,7 +363,7 @@ def reference_logprobs(lm, rl_state: RLState, rollout: Rollout, temperature) -> 
 def update_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, state: TrainState,
                   experience: dict, key: jax.Array, *, epochs: int, num_minibatches: int,
                   nonfinite_policy: str, axis_name: str | None = None,
-                  allowed: jax.Array | bool = True) -> tuple[TrainState, dict]:
+                  allowed: jax.Array | bool = True, group_size: int = 1) -> tuple[TrainState, dict]:
   """`epochs` passes over `num_minibatches` shuffled minibatches of `experience`, one guarded
   optimizer update each.
 
@@ -373,14 +373,17 @@ def update_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, st
     experience: a dict of arrays with a leading row axis (this device's rows).
     allowed: False skips every update (e.g. a reward function failed), without counting the
       iteration as non-finite.
+    group_size: rows come in adjacent groups of this size (the samples of one prompt); groups
+      are shuffled as wholes, so a minibatch holds whole groups.
 
   Returns:
     (state with params, opt_state, step and guard counters advanced; metrics averaged over
     minibatches, plus `applied`, the fraction of minibatch updates applied).
   """
   b = jax.tree.leaves(experience)[0].shape[0]
-  if b % num_minibatches:
-    raise ConfigError(f"{b} rollout rows per device do not split into {num_minibatches} minibatches")
+  groups = b // group_size
+  if groups % num_minibatches:
+    raise ConfigError(f"{groups} prompts per device do not split into {num_minibatches} minibatches")
   mb_size = b // num_minibatches
   permitted = (state.halted_at < 0) & allowed
   lr_scale = state.hparam("lr_scale", 1.0)
@@ -407,7 +410,9 @@ def update_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, st
     return (params, opt_state, all_ok), (m, finite, applied)
 
   def epoch(carry, epoch_key):
-    perm = jax.random.permutation(epoch_key, b)
+    perm = jax.random.permutation(epoch_key, groups)
+    if group_size > 1:
+      perm = (perm[:, None] * group_size + jnp.arange(group_size)[None, :]).reshape(-1)
     shuffled = jax.tree.map(lambda x: x[perm].reshape(num_minibatches, mb_size, *x.shape[1:]),
                             experience)
     return jax.lax.scan(minibatch_step, carry, shuffled)
@@ -558,6 +563,43 @@ def group_section(**overrides) -> ConfigDict:
   return ConfigDict(values)
 
 
+def group_config(stage: str, preset: str, **section) -> ConfigDict:
+  """The config GRPO and RLOO share (their config files add what differs): policy from the SFT
+  run, reward model from the reward run, `group_section(**section)` under `stage`, presets
+  `tiny` (the world) and `standard` (the CPU benchmark workload: 8 prompts x 4 x 64 new tokens)."""
+  from alignax.algorithms.common import eval_section, init_section
+  from alignax.config import base_config, world_section
+  c = base_config(stage, preset)
+  c.world = world_section()
+  c.init = init_section(workdir=f"runs/sft_{preset}", config=f"configs/sft.py:{preset}")
+  c.reward_model = init_section(workdir=f"runs/reward_{preset}", config=f"configs/reward.py:{preset}")
+  c[stage] = group_section(**section)
+  c.rewards = rewards_section(model=1.0)
+  c.eval = eval_section()
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_steps = 0
+  s = c[stage]
+  if preset == "tiny":
+    c.train.steps = 60
+    c.train.batch_size = 16  # prompts; x group_size = 64 rollout rows
+    c.train.log_every = 1
+    c.train.eval_every = 20
+    s.num_minibatches = 2
+    s.num_iterations = 2
+    c.optimizer.lr = 5e-5
+  elif preset == "standard":
+    c.train.steps = 200
+    c.train.batch_size = 8
+    s.prompt_len = 64
+    s.max_new_tokens = 64
+    s.kl_coef = 0.04
+    c.optimizer.lr = 1e-6
+  else:
+    raise ValueError(f"unknown preset {preset!r}; presets: tiny, standard")
+  return c
+
+
 def validate_group(cfg, section: str) -> None:
   """Checks of a GRPO/RLOO section (the shared RL checks included)."""
   s = cfg[section]
@@ -571,9 +613,9 @@ def validate_group(cfg, section: str) -> None:
         f"{s.group_size}")
   check(s.num_iterations >= 1, "num_iterations", "must be >= 1")
   check(s.loss_agg in rl.AGGREGATIONS, "loss_agg", f"must be one of {rl.AGGREGATIONS}, got {s.loss_agg!r}")
-  rows = cfg.train.batch_size * s.group_size
-  check(rows % (s.num_minibatches * jax.process_count()) == 0, "num_minibatches",
-        f"train.batch_size * group_size = {rows} rollout rows must be divisible by it")
+  check(cfg.train.batch_size % (s.num_minibatches * jax.process_count()) == 0, "num_minibatches",
+        f"train.batch_size={cfg.train.batch_size} prompts must be divisible by it (minibatches "
+        f"hold whole groups)")
 
 
 def make_group_iteration(lm, sources: RewardSources, optimizer, gcfg, sampling: SamplingConfig,
@@ -601,8 +643,9 @@ def make_group_iteration(lm, sources: RewardSources, optimizer, gcfg, sampling: 
   max_len = float(sampling.max_new_tokens)
 
   def loss_fn(params, mb, hp, kl_coef):
-    args = (mb["prompt_tokens"], mb["prompt_mask"], mb["response"], mb["mask"])
-    logp = response_logprobs(lm, params, *args, temp)
+    # Minibatches hold whole groups: each prompt runs through the model once.
+    logp = grouped_response_logprobs(lm, params, mb["prompt_tokens"][::g], mb["prompt_mask"][::g],
+                                     mb["response"], mb["mask"], g, temp)
     old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logp"]
     low, high = clip_range(hp)
     per_token, metrics = rl.clipped_surrogate(logp, old, mb["advantages"], mb["mask"], low, high)
@@ -619,13 +662,12 @@ def make_group_iteration(lm, sources: RewardSources, optimizer, gcfg, sampling: 
     params, extra, hp = state.params, state.extra, state.hparams
     r, valid, index = sample(lm, sampling, eos_id, pad_id, params, batch, jax.random.fold_in(key, 0),
                              group_size=g, axis_name=axis_name)
-    args = rollout_args(r)
     mask = r.mask
-    if on_policy:
-      old_logp = r.logprobs  # the sampler's logprobs of the sampling distribution
-    else:
-      old_logp = jax.lax.stop_gradient(response_logprobs(lm, params, *args, temp))
-    ref_logp = reference_logprobs(lm, extra, r, temp) if kl_in != "none" else jnp.zeros_like(old_logp)
+    grouped = lambda p: jax.lax.stop_gradient(grouped_response_logprobs(
+        lm, p, batch["tokens"], batch["mask"], r.tokens, mask, g, temp))
+    # On-policy, the sampler's logprobs are the sampling distribution's.
+    old_logp = r.logprobs if on_policy else grouped(params)
+    ref_logp = grouped(extra.ref) if kl_in != "none" else jnp.zeros_like(old_logp)
     scores, reward_ok, score_m = sources.score(extra, r, index)
     beta = extra.kl_coef
     seq_kl = jnp.sum(rl.kl_per_token(old_logp, ref_logp, "k1") * mask, axis=1)
@@ -640,7 +682,7 @@ def make_group_iteration(lm, sources: RewardSources, optimizer, gcfg, sampling: 
     state, update_m = update_epochs(
         lambda p, mb, h: loss_fn(p, mb, h, beta), optimizer, state, experience,
         jax.random.fold_in(key, 1), epochs=epochs, num_minibatches=num_mb,
-        nonfinite_policy=nonfinite_policy, axis_name=axis_name, allowed=reward_ok)
+        nonfinite_policy=nonfinite_policy, axis_name=axis_name, allowed=reward_ok, group_size=g)
     vmean = lambda x: row_mean(x, valid, axis_name)
     metrics = {"score": vmean(scores), "reward": vmean(rewards), "kl": vmean(seq_kl), "kl_coef": beta,
                "response_length": vmean(jnp.sum(mask, axis=1)),

@@ -136,19 +136,27 @@ class Rollout(struct.PyTreeNode):
 
 
 def generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, params,
-             prompt_tokens, prompt_mask, key, row_ids=None) -> Rollout:
-  """Samples a response to each prompt [B, P] (prefill, then a `while_loop` decode).
+             prompt_tokens, prompt_mask, key, row_ids=None, group_size: int = 1) -> Rollout:
+  """Samples `group_size` responses to each prompt [P, L] (prefill, then a `while_loop` decode):
+  B = P * group_size rows, the samples of a prompt adjacent. Each prompt is prefilled once and its
+  KV cache repeated for its group.
 
   With `row_ids` [B] int32, row r draws from `fold_in(key, row_ids[r])`: its samples do not
   depend on the batch's layout (a pmap device's shard draws what the same rows draw on one
   device). Pure and jit-able; `Sampler` wraps it for host use.
   """
-  b, p = prompt_tokens.shape
-  row_keys = None if row_ids is None else jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
-  n = cfg.max_new_tokens
   positions, segments = prompt_layout(prompt_mask)
-  cache = lm.init_cache(b, p + n)
+  p = prompt_tokens.shape[1]
+  n = cfg.max_new_tokens
+  cache = lm.init_cache(prompt_tokens.shape[0], p + n)
   logits, cache = lm.apply(params, prompt_tokens, positions, segments, cache)
+  if group_size > 1:
+    rep = lambda x: jnp.repeat(x, group_size, axis=0)
+    cache = dict(k=tuple(rep(x) for x in cache["k"]), v=tuple(rep(x) for x in cache["v"]),
+                 segment_ids=rep(cache["segment_ids"]), end=cache["end"])
+    logits, prompt_tokens, prompt_mask = rep(logits[:, -1:]), rep(prompt_tokens), rep(prompt_mask)
+  b = prompt_tokens.shape[0]
+  row_keys = None if row_ids is None else jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
   prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
   state = dict(
       i=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1],
