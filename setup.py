@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "pyarrow>=15.0",
     "matplotlib>=3.8",
     "sentencepiece>=0.2.0",
+    "flask>=3.0",
 ]
 
 # Hugging Face checkpoint import/export and tokenizer.json (install torch's CPU build for the tests).
@@ -34,6 +35,7 @@ TEST_REQUIRES = [
     "nbclient>=0.10",
     "ipykernel>=6.29",
     "transformers>=4.45",
+    "selenium>=4.20",
 ] + HF_REQUIRES
 
 setup(
@@ -44,7 +46,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["alignax", "alignax.*"]),
-    package_data={"alignax": ["py.typed"]},
+    package_data={"alignax": ["py.typed", "studio/templates/*.html", "studio/static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"hf": HF_REQUIRES, "test": TEST_REQUIRES},
     entry_points={"console_scripts": ["alignax=alignax.cli:main"]},

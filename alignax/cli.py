@@ -7,6 +7,7 @@
   alignax eval      --workdir=DIR
   alignax data      world --out=DIR [--config=configs/pretrain.py:tiny]
   alignax import-hf --src=HF_DIR --dst=WORKDIR
+  alignax studio    --workdir=runs/pipeline_tiny [--port=8765]
 
 Flags follow absl / ml-collections conventions. Config overrides are checked against the config
 before absl parses them, so a mistyped key fails with one line naming it (and close matches).
@@ -72,9 +73,11 @@ def user_errors() -> tuple[type[Exception], ...]:
   from alignax.config import ConfigError
   from alignax.data.schemas import DataError
   from alignax.parallel import ParallelError
-  from alignax.algorithms.online import RewardFunctionError
+  from alignax.algorithms.reward_sources import RewardFunctionError
+  from alignax.studio.models import StudioError
   from alignax.train.loop import HaltError
-  return (ConfigError, DataError, ParallelError, CheckpointError, HaltError, RewardFunctionError)
+  return (ConfigError, DataError, ParallelError, CheckpointError, HaltError, RewardFunctionError,
+          StudioError)
 
 
 def _guarded(main: Callable) -> Callable:
@@ -205,6 +208,22 @@ def cmd_import_hf(prog: str, argv: list[str]) -> None:
   app.run(_guarded(main), argv=[prog] + argv)
 
 
+def cmd_studio(prog: str, argv: list[str]) -> None:
+  """A local web app: every model answers a prompt side by side; label pairs into a preference file."""
+  flags.DEFINE_string("workdir", "", "A pipeline directory: its policies (base, sft, ppo, ...) are served.")
+  flags.DEFINE_multi_string("model", [], "NAME=WORKDIR (repeat); overrides the models found in --workdir.")
+  flags.DEFINE_string("labels", "", "Preference JSONL the labels are appended to (default WORKDIR/labels.jsonl).")
+  flags.DEFINE_string("rater", "", "Rater id recorded with each label (default: the user name).")
+  flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (localhost by default).")
+  flags.DEFINE_integer("port", 8765, "Port.")
+  flags.DEFINE_integer("seed", 0, "Seed of the label page's prompt and order draws.")
+
+  def main(_):
+    from alignax.studio.server import studio_main
+    studio_main(flags.FLAGS)
+  app.run(_guarded(main), argv=[prog] + argv)
+
+
 COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
     "train": cmd_train,
     "pipeline": cmd_pipeline,
@@ -213,6 +232,7 @@ COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
     "eval": cmd_eval,
     "data": cmd_data,
     "import-hf": cmd_import_hf,
+    "studio": cmd_studio,
 }
 
 

@@ -80,15 +80,15 @@ def _group_step(task, lm, params, optimizer, model, b, rng):
   import ml_collections
   import numpy as np
 
-  from alignax.algorithms import online
+  from alignax.algorithms import critic_free, online, reward_sources
   from alignax.generation import SamplingConfig
   from alignax.losses import rl
   from alignax.train.state import TrainState
   prompts = rng.integers(4, model.vocab_size, (b, 64)).astype(np.int32)
   records = [{"prompt": WordTokenizer().decode(p)} for p in prompts]
-  host = online.HostRewards([online.RewardFunction("workload:even_fraction", even_fraction, 1.0, ())],
+  host = reward_sources.HostRewards([reward_sources.RewardFunction("workload:even_fraction", even_fraction, 1.0, ())],
                             records, WordTokenizer())
-  sources = online.RewardSources(None, 0.0, host)
+  sources = reward_sources.RewardSources(None, 0.0, host)
   if task == "grpo":
     gcfg = dict(kl_in="loss", kl_estimator="k3_weighted", loss_agg="seq_mean_token_mean")
     adv = lambda r, g, hp: rl.group_advantages(r, g, scale_by_std=True)
@@ -103,7 +103,7 @@ def _group_step(task, lm, params, optimizer, model, b, rng):
                                         skip_zero_variance=False))
   sampling = SamplingConfig(temperature=1.0, max_new_tokens=64)
   # eos id outside the vocabulary: every response runs the full 64 tokens, as in the workload.
-  step = online.make_group_iteration(lm, sources, optimizer, gcfg, sampling, model.vocab_size + 1, 0,
+  step = critic_free.make_group_iteration(lm, sources, optimizer, gcfg, sampling, model.vocab_size + 1, 0,
                                      "skip", adv, clip)
   state = TrainState.create(jax.tree.map(jnp.copy, params), optimizer, jax.random.key(0),
                             extra=online.RLState(ref=jax.tree.map(jnp.copy, params), reward=None,
@@ -151,13 +151,13 @@ def bench_task(task: str, steps: int) -> dict:
                                 extra={"ref": jax.tree.map(jnp.copy, params)},
                                 hparams=dict(beta=0.1, label_smoothing=0.0, gamma=0.0))
   elif task == "ppo":
-    from alignax.algorithms import online
+    from alignax.algorithms import online, reward_sources
     rm, rm_params = build_scalar_model(model, 1, backbone=params)
     pcfg = mlc.ConfigDict(dict(epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
                                adaptive_kl=False, whiten_rewards=False, apply_no_eos_score=True))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=64)
     # eos id outside the vocabulary: every response runs the full 64 tokens, as in the workload.
-    step = ppo.make_ppo_iteration(lm, rm, online.RewardSources(rm, 1.0), optimizer, pcfg, sampling,
+    step = ppo.make_ppo_iteration(lm, rm, reward_sources.RewardSources(rm, 1.0), optimizer, pcfg, sampling,
                                   model.vocab_size + 1, 0, "skip", b)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     state = TrainState.create({"policy": copy(params), "value": copy(rm_params)}, optimizer, jax.random.key(0),

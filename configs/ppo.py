@@ -9,7 +9,7 @@
 """
 
 from alignax.algorithms.common import eval_section, init_section
-from alignax.algorithms.online import rewards_section
+from alignax.algorithms.reward_sources import rewards_section
 from alignax.config import ConfigDict, base_config, world_section
 
 

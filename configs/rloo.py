@@ -7,10 +7,10 @@ export and/or Python functions, a sequence-level KL penalty in the reward; no va
 `init.workdir` names the SFT run, `reward_model.workdir` the reward-model run (each run first
 from its `config` when it has no export). One train step is one iteration over
 `train.batch_size` prompts x `rloo.group_size` samples. The keys RLOO shares with GRPO and the
-presets are `alignax.algorithms.online.group_config`'s.
+presets are `alignax.algorithms.critic_free.group_config`'s.
 """
 
-from alignax.algorithms.online import group_config
+from alignax.algorithms.critic_free import group_config
 
 
 def get_config(preset: str | None = None):

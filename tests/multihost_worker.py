@@ -121,12 +121,11 @@ def rl_problem(kind: str, host_reward: bool = False):
   the policy, reference and reward model from one small Llama, 8 prompts, 12 new tokens, Adam;
   GRPO adds a Python reward function when `host_reward`."""
   import jax
-  import jax.numpy as jnp
   import ml_collections
   import numpy as np
   import optax
 
-  from alignax.algorithms import online, ppo
+  from alignax.algorithms import critic_free, online, ppo, reward_sources
   from alignax.data.chat import encode_prompt
   from alignax.data.tokenizer import ByteTokenizer
   from alignax.generation.sampler import SamplingConfig
@@ -151,9 +150,9 @@ def rl_problem(kind: str, host_reward: bool = False):
                index=np.arange(RL_PROMPTS, dtype=np.int32))
   host = None
   if host_reward:
-    host = online.HostRewards([online.RewardFunction("worker:count_a", count_a, 1.0, ())],
+    host = reward_sources.HostRewards([reward_sources.RewardFunction("worker:count_a", count_a, 1.0, ())],
                               [{"prompt": p} for p in prompts], tok)
-  sources = online.RewardSources(rm, 1.0, host)
+  sources = reward_sources.RewardSources(rm, 1.0, host)
   optimizer = optax.adam(1e-3)
   sampling = SamplingConfig(temperature=1.0, max_new_tokens=RL_NEW)
   extra = online.RLState(ref=params, reward=rm_params, kl_coef=np.float32(0.05))
@@ -177,7 +176,7 @@ def rl_problem(kind: str, host_reward: bool = False):
   gcfg = ml_collections.ConfigDict(dict(gcfg, group_size=2, num_iterations=1, num_minibatches=1,
                                         skip_zero_variance=False))
   state = TrainState.create(params, optimizer, jax.random.key(0), extra=extra, hparams=hparams)
-  step = online.make_group_iteration(lm, sources, optimizer, gcfg, sampling, tok.eos_id, tok.pad_id,
+  step = critic_free.make_group_iteration(lm, sources, optimizer, gcfg, sampling, tok.eos_id, tok.pad_id,
                                      "skip", adv, clip)
   return model, state, step, batch
 

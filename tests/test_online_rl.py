@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from alignax.algorithms import online, ppo
+from alignax.algorithms import critic_free, online, ppo, reward_sources
 from alignax.data.chat import encode_prompt
 from alignax.data.tokenizer import ByteTokenizer
 from alignax.generation.sampler import SamplingConfig
 from alignax.generation.sampler import generate
-from alignax.generation.scoring import grouped_response_logprobs, response_logprobs, response_scores
+from alignax.generation.scoring import grouped_response_logprobs, response_logprobs
 from alignax.losses import rl
 from alignax.models import build_lm
 from alignax.models.heads import build_scalar_model
@@ -43,7 +43,7 @@ def count_a(prompts, responses):
 
 def host(*fns, weights=None):
   weights = weights or [1.0] * len(fns)
-  return online.HostRewards([online.RewardFunction(f"tests:{f.__name__}", f, w, ()) for f, w in zip(fns, weights)],
+  return reward_sources.HostRewards([reward_sources.RewardFunction(f"tests:{f.__name__}", f, w, ()) for f, w in zip(fns, weights)],
                             RECORDS, TOK)
 
 
@@ -74,7 +74,7 @@ def models(tiny_llama):
 
 def _ppo_setup(models, optimizer, sources=None, **kw):
   lm, params, rm, rm_params = models
-  sources = sources or online.RewardSources(rm, 1.0)
+  sources = sources or reward_sources.RewardSources(rm, 1.0)
   copy = online.copy_tree
   state = TrainState.create({"policy": copy(params), "value": copy(rm_params)}, optimizer, jax.random.key(0),
                             extra=online.RLState(ref=copy(params), reward=rm_params, kl_coef=jnp.float32(0.05)),
@@ -87,7 +87,7 @@ def _ppo_setup(models, optimizer, sources=None, **kw):
 
 def _group_setup(models, optimizer, kind="grpo", sources=None, **kw):
   lm, params, rm, rm_params = models
-  sources = sources or online.RewardSources(rm, 1.0)
+  sources = sources or reward_sources.RewardSources(rm, 1.0)
   if kind == "grpo":
     adv = lambda r, g, hp: rl.group_advantages(r, g, scale_by_std=True)
     clip = lambda hp: (hp["clip_low"], hp["clip_high"])
@@ -100,7 +100,7 @@ def _group_setup(models, optimizer, kind="grpo", sources=None, **kw):
   state = TrainState.create(online.copy_tree(params), optimizer, jax.random.key(0),
                             extra=online.RLState(ref=online.copy_tree(params), reward=rm_params,
                                                  kl_coef=jnp.float32(0.04)), hparams=hparams)
-  step = online.make_group_iteration(lm, sources, optimizer, _group_cfg(**kw),
+  step = critic_free.make_group_iteration(lm, sources, optimizer, _group_cfg(**kw),
                                      SamplingConfig(temperature=1.0, max_new_tokens=N_NEW), TOK.eos_id,
                                      TOK.pad_id, "skip", adv, clip)
   return state, step
@@ -148,7 +148,7 @@ def test_ppo_iteration_is_a_pure_function_of_state_and_batch(models):
 def test_grpo_iteration_groups_samples_and_uses_the_python_reward(models):
   lm, params, rm, rm_params = models
   optimizer = optax.sgd(1e-2)
-  sources = online.RewardSources(None, 0.0, host(count_a))
+  sources = reward_sources.RewardSources(None, 0.0, host(count_a))
   state, step = _group_setup(models, optimizer, sources=sources)
   new, m = jax.jit(step)(state, prompt_batch())
   sources.check()
@@ -178,11 +178,11 @@ def test_rloo_baseline_excludes_the_sample_and_kl_enters_the_reward(models):
 
 def test_weighted_reward_sources_add_up(models):
   lm, params, rm, rm_params = models
-  sources = online.RewardSources(rm, 0.5, host(count_a, count_a, weights=[1.0, 2.0]))
+  sources = reward_sources.RewardSources(rm, 0.5, host(count_a, count_a, weights=[1.0, 2.0]))
   state, step = _group_setup(models, optax.sgd(0.0), sources=sources)
   _, m = jax.jit(step)(state, prompt_batch())
   assert float(m["score"]) == pytest.approx(0.5 * float(m["score_model"]) + float(m["score_functions"]), rel=1e-5)
-  single = online.RewardSources(None, 0.0, host(count_a))
+  single = reward_sources.RewardSources(None, 0.0, host(count_a))
   state1, step1 = _group_setup(models, optax.sgd(0.0), sources=single)
   _, m1 = jax.jit(step1)(state1, prompt_batch())
   assert float(m["score_functions"]) == pytest.approx(3.0 * float(m1["score"]), rel=1e-5)
@@ -232,7 +232,7 @@ def _nan_score(prompts, responses):
     (_nan_score, r"tests:_nan_score returned nan for prompt record 5"),
 ])
 def test_a_failing_reward_function_skips_the_update_and_names_function_and_record(models, fn, pattern):
-  sources = online.RewardSources(None, 0.0, host(fn))
+  sources = reward_sources.RewardSources(None, 0.0, host(fn))
   state, step = _group_setup(models, optax.sgd(1.0), sources=sources)
   new, m = jax.jit(step)(state, prompt_batch())
   assert float(m["reward_ok"]) == 0.0 and float(m["applied"]) == 0.0
@@ -240,14 +240,14 @@ def test_a_failing_reward_function_skips_the_update_and_names_function_and_recor
   assert int(new.nonfinite) == 0
   for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(online.RewardFunctionError, match=pattern):
+  with pytest.raises(reward_sources.RewardFunctionError, match=pattern):
     sources.check()
   sources.check()  # reported once
 
 
 def test_reward_function_specs_are_checked_before_compiling():
   from alignax.config import ConfigError
-  f = online.load_reward_function("alignax.tasks.world_gold:gold_reward=0.5")
+  f = reward_sources.load_reward_function("alignax.tasks.world_gold:gold_reward=0.5")
   assert f.weight == 0.5 and "ended" in f.wants
   scores = f(["What is the capital of France?"], ["The capital of France is Paris."], [True], [{}])
   assert scores[0] > 0
@@ -255,7 +255,7 @@ def test_reward_function_specs_are_checked_before_compiling():
                    ("alignax.tasks.world_gold:gold_reward=heavy", "not a number"),
                    ("alignax.tasks.world_gold:nope", "cannot load")]:
     with pytest.raises(ConfigError, match=msg):
-      online.load_reward_function(bad)
+      reward_sources.load_reward_function(bad)
 
 
 # ------------------------------------------------------------------------------ layouts

@@ -12,7 +12,7 @@ the checkpointable batch iterator and the evaluation; the shared runner does eve
 effects (placement, jit, the loop, checkpoints, signals) and then calls `export(ctx, state)`.
 `alignax.algorithms.registry` holds one line per algorithm and derives every stage list from the
 records (the CLI's `config.stage`, the pipeline's order and wiring, the report's models, which
-exports carry a chat template).
+exports carry a chat template); `alignax.algorithms.run_stage` trains one.
 """
 
 from __future__ import annotations
@@ -86,17 +86,3 @@ class Algorithm:
 
   def needed_upstream(self, cfg) -> tuple[str, ...]:
     return tuple(self.needs(cfg)) if self.needs is not None else tuple(self.upstream)
-
-  def train(self, cfg):
-    """Runs the stage: its upstream exports first (when missing), then the shared runner."""
-    from alignax.algorithms.common import adopt_export, ensure_export
-    from alignax.config import validate_common
-    from alignax.train.runner import run_training
-    # Bad keys fail before any upstream stage is run for this one.
-    validate_common(cfg)
-    if self.validate is not None:
-      self.validate(cfg)
-    for field in self.needed_upstream(cfg):
-      ensure_export(cfg[field])
-    model = adopt_export(cfg, cfg.init.workdir) if "init" in self.upstream else None
-    return run_training(cfg, self.build, self.export, validate=self.validate, model_config=model)

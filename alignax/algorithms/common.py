@@ -96,11 +96,12 @@ def ensure_export(init_cfg) -> str:
   return workdir
 
 
-def adopt_export(cfg, workdir: str) -> "ModelConfig":  # noqa: F821
+def adopt_export(cfg, workdir: str, chat_stages=()) -> "ModelConfig":  # noqa: F821
   """Takes the model and tokenizer of the export this stage starts from (see `adopt_model`).
 
   The tokenizer must be the one the model was trained with, so the export's wins; a config that
-  named another one is told so in the log.
+  named another one is told so in the log. An export of one of `chat_stages` (the registry's)
+  also gives its chat template.
   """
   from absl import logging
 
@@ -114,8 +115,7 @@ def adopt_export(cfg, workdir: str) -> "ModelConfig":  # noqa: F821
   # Chat-trained models keep the template they learned; pretrained and imported ones have none
   # yet, so this stage's config chooses it.
   template = meta.get("chat_template")
-  from alignax.algorithms.registry import chat_stages
-  if meta["stage"] in chat_stages() and template and template != cfg.data.chat_template:
+  if meta["stage"] in chat_stages and template and template != cfg.data.chat_template:
     logging.warning("using the chat template of %s (%s) instead of config.data.chat_template=%s",
                     workdir, template, cfg.data.chat_template)
     with cfg.unlocked():

@@ -26,7 +26,7 @@ all equal (DAPO's dynamic sampling, without resampling), counted in `train/zero_
 
 from __future__ import annotations
 
-from alignax.algorithms import online
+from alignax.algorithms import critic_free, online, reward_sources
 from alignax.algorithms.base import Algorithm
 from alignax.config import ConfigDict, ConfigError
 from alignax.losses import rl
@@ -36,7 +36,7 @@ HPARAMS = ("clip_low", "clip_high", "adv_eps")
 
 
 def validate(cfg: ConfigDict) -> None:
-  online.validate_group(cfg, "grpo")
+  critic_free.validate_group(cfg, "grpo")
   g = cfg.grpo
   if not (0 < g.clip_low < 1 and g.clip_high > 0):
     raise ConfigError(f"config.grpo.clip_low: need 0 < clip_low < 1 and clip_high > 0, got "
@@ -49,7 +49,7 @@ def build_run(ctx: StageContext):
   def advantages(rewards, group_size, hp):
     return rl.group_advantages(rewards, group_size, scale_by_std=scale, eps=hp["adv_eps"])
 
-  return online.build_group_run(ctx, ALGORITHM, advantages, lambda hp: (hp["clip_low"], hp["clip_high"]))
+  return critic_free.build_group_run(ctx, ALGORITHM, advantages, lambda hp: (hp["clip_low"], hp["clip_high"]))
 
 
 def export(ctx: StageContext, state) -> None:
@@ -58,4 +58,4 @@ def export(ctx: StageContext, state) -> None:
 
 ALGORITHM = Algorithm(name="grpo", records="prompts", section="grpo", hparams=HPARAMS,
                       upstream={"init": "sft", "reward_model": "reward"},
-                      build=build_run, export=export, validate=validate, needs=online.needed_upstream)
+                      build=build_run, export=export, validate=validate, needs=reward_sources.needed_upstream)

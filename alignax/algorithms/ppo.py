@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignax.algorithms import online
+from alignax.algorithms import online, reward_sources
 from alignax.algorithms.base import Algorithm
 from alignax.config import ConfigDict, ConfigError
 from alignax.generation.sampler import SamplingConfig
@@ -44,7 +44,7 @@ from alignax.train.state import TrainState
 HPARAMS = ("clip", "vf_clip", "vf_coef", "gamma", "lam", "target_kl", "horizon", "no_eos_score")
 
 
-def rollout(lm, value_model, sources: online.RewardSources, pcfg, sampling: SamplingConfig, eos_id: int,
+def rollout(lm, value_model, sources: reward_sources.RewardSources, pcfg, sampling: SamplingConfig, eos_id: int,
             pad_id: int, state: TrainState, batch, key, axis_name=None):
   """Steps 1-4: a batch of scored, advantage-annotated experience (all [B, N] unless noted)."""
   params, extra, hp = state.params, state.extra, state.hparams
@@ -107,7 +107,7 @@ def ppo_loss(lm, value_model, pcfg, temperature):
   return loss_fn
 
 
-def make_ppo_iteration(lm, value_model, sources: online.RewardSources, optimizer, pcfg,
+def make_ppo_iteration(lm, value_model, sources: reward_sources.RewardSources, optimizer, pcfg,
                        sampling: SamplingConfig, eos_id: int, pad_id: int, nonfinite_policy: str,
                        global_batch: int, axis_name: str | None = None):
   """`iteration(state, prompt_batch) -> (state, metrics)`: steps 1-6 of the module doc.
@@ -168,7 +168,7 @@ def build_run(ctx: StageContext) -> Run:
   prompts = online.prompt_batches(ctx, records, int(pcfg.prompt_len))
   lm, sft_params = online.load_policy_and_reference(ctx)
   reward_model, rm_params = online.load_reward(ctx, needed=True)
-  sources = online.make_reward_sources(cfg, ctx.tokenizer, records, reward_model)
+  sources = reward_sources.make_reward_sources(cfg, ctx.tokenizer, records, reward_model)
   optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps) * int(pcfg.epochs) * int(pcfg.num_minibatches))
   extra = online.RLState(ref=sft_params, reward=rm_params if sources.uses_model else None,
                          kl_coef=jnp.asarray(float(pcfg.kl_coef), jnp.float32))
@@ -183,7 +183,7 @@ def build_run(ctx: StageContext) -> Run:
   return Run(name="ppo", state=state, train_step=step, batches=prompts,
              evaluate=online.world_evaluate(ctx, lm, reward_model if sources.uses_model else None),
              tokens_per_batch=tokens, total_steps=int(cfg.train.steps),
-             after_step=online.check_rewards_after_step(sources))
+             after_step=reward_sources.check_rewards_after_step(sources))
 
 
 def export(ctx: StageContext, state) -> None:

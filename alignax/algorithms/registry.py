@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import TYPE_CHECKING
 
-from alignax.algorithms.base import Algorithm
+if TYPE_CHECKING:  # the modules import base; the registry only names their records
+  from alignax.algorithms.base import Algorithm
 
 MODULES = (
     "alignax.algorithms.pretrain",

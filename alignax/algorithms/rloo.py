@@ -16,7 +16,7 @@ PPO (`rloo.clip`).
 
 from __future__ import annotations
 
-from alignax.algorithms import online
+from alignax.algorithms import critic_free, online, reward_sources
 from alignax.algorithms.base import Algorithm
 from alignax.config import ConfigDict, ConfigError
 from alignax.losses import rl
@@ -26,7 +26,7 @@ HPARAMS = ("clip",)
 
 
 def validate(cfg: ConfigDict) -> None:
-  online.validate_group(cfg, "rloo")
+  critic_free.validate_group(cfg, "rloo")
   if not 0 < cfg.rloo.clip < 1:
     raise ConfigError(f"config.rloo.clip: must be in (0, 1), got {cfg.rloo.clip}")
 
@@ -35,7 +35,7 @@ def build_run(ctx: StageContext):
   def advantages(rewards, group_size, hp):
     return rl.rloo_advantages(rewards, group_size)
 
-  return online.build_group_run(ctx, ALGORITHM, advantages, lambda hp: (hp["clip"], hp["clip"]))
+  return critic_free.build_group_run(ctx, ALGORITHM, advantages, lambda hp: (hp["clip"], hp["clip"]))
 
 
 def export(ctx: StageContext, state) -> None:
@@ -44,4 +44,4 @@ def export(ctx: StageContext, state) -> None:
 
 ALGORITHM = Algorithm(name="rloo", records="prompts", section="rloo", hparams=HPARAMS,
                       upstream={"init": "sft", "reward_model": "reward"},
-                      build=build_run, export=export, validate=validate, needs=online.needed_upstream)
+                      build=build_run, export=export, validate=validate, needs=reward_sources.needed_upstream)
