@@ -188,3 +188,25 @@ def test_studio_command_refuses_bad_starts_in_one_line(tmp_path, runs):
       check_port("127.0.0.1", port)
     proc = run_cli("studio", f"--workdir={runs}", f"--port={port}", check=False, timeout=120)
   assert proc.returncode == 1 and "is another studio running?" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_labels_file_trains_a_reward_model(client, runs, tmp_path):
+  """Label pairs in the studio, then `alignax train` a reward model on the file as is."""
+  c, store = client
+  for i in range(12):
+    pair = c.post("/api/pair", json={"model_a": "sft", "model_b": "dpo", "temperature": 1.0,
+                                     "max_new_tokens": 12}).get_json()
+    c.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "AB"[i % 2]})
+  workdir = tmp_path / "rm"
+  run_cli("train", "--config=configs/reward.py:tiny", f"--config.workdir={workdir}",
+          f"--config.init.workdir={runs}/sft", "--config.data.source=files",
+          f"--config.data.train_files={store.path}", "--config.data.eval_records=4",
+          "--config.data.loader=memory", "--config.train.steps=6", "--config.train.batch_size=4",
+          "--config.train.eval_every=0", "--config.train.progress=False", timeout=300)
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "train/loss" in r][-1] == 6
+  evals = [r for r in rows if "eval/accuracy" in r]
+  assert evals and 0.0 <= evals[-1]["eval/accuracy"] <= 1.0
+  assert "eval/gold_accuracy" in evals[-1]  # the labels carry the gold scores of both responses
+  assert os.path.exists(workdir / "export" / "export.json")

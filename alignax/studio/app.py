@@ -31,6 +31,7 @@ def create_app(hub: ModelHub, store: labels_lib.LabelStore, prompts: list[dict],
   app = flask.Flask(__name__)
   app.json.sort_keys = False  # models in the order given
   pending: dict[str, dict] = {}
+  app.config["STUDIO_PENDING"] = pending  # pairs shown and not yet labeled, by id
   lock = threading.Lock()
   rng = random.Random(seed)
   state = {"pairs": 0}

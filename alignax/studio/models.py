@@ -83,11 +83,16 @@ def discover_models(workdir: str) -> dict[str, str]:
   return found
 
 
-def _tokenizer(spec: str):
-  from alignax.config import base_config
+def _tokenizer(spec: str, workdir: str):
+  """The tokenizer an export names; a world BPE is the one trained on the run's own world."""
+  from alignax.config import base_config, read_config, world_section
   from alignax.data.sources import resolve_tokenizer
   cfg = base_config("studio")
   cfg.tokenizer = spec
+  try:
+    cfg.world = read_config(workdir).world
+  except Exception:  # no config.json (an imported run): the default world
+    cfg.world = world_section()
   return resolve_tokenizer(cfg)
 
 
@@ -129,7 +134,7 @@ class ModelHub:
       try:
         lm, params, stage, spec = load_policy(path)
         if spec not in self._tokenizers:
-          self._tokenizers[spec] = _tokenizer(spec)
+          self._tokenizers[spec] = _tokenizer(spec, path)
         self._models[name] = LoadedModel(name=name, workdir=path, stage=stage, lm=lm, params=params,
                                          tokenizer=self._tokenizers[spec],
                                          fmt="raw" if stage in RAW_STAGES else "chat",

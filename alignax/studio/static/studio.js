@@ -127,6 +127,7 @@ let currentPair = null;
 async function newPair() {
   showError("");
   currentPair = null;
+  delete document.body.dataset.pair;
   $("pair-prompt").textContent = "Sampling a pair…";
   $("resp-a").textContent = "";
   $("resp-b").textContent = "";
