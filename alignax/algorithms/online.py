@@ -53,10 +53,6 @@ class RLState(struct.PyTreeNode):
 # ------------------------------------------------------------------------------------ sampling
 
 
-def axis_size(axis_name: str | None) -> int:
-  return 1 if axis_name is None else jax.lax.psum(1, axis_name)
-
-
 def global_rows(n_local: int, axis_name: str | None) -> jax.Array:
   """[n_local] global indices of this device's rows (pmap shards hold consecutive rows)."""
   offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n_local
