@@ -87,8 +87,9 @@ def rollout(lm, value_model, sources: reward_sources.RewardSources, pcfg, sampli
 
 
 def ppo_loss(lm, value_model, pcfg, temperature):
-  """`loss(params, minibatch, hparams) -> (sum, count, metrics)`: clipped policy loss +
-  vf_coef * clipped value loss (+ beta * KL loss term), summed over response tokens."""
+  """`loss(params, minibatch, hparams, kl_coef) -> (sum, count, metrics)`: clipped policy loss +
+  vf_coef * clipped value loss (+ kl_coef * the KL loss term with kl_in="loss"), summed over
+  response tokens; count is the number of response tokens."""
   def loss_fn(params, mb, hp, kl_coef):
     args = (mb["prompt_tokens"], mb["prompt_mask"], mb["response"], mb["mask"])
     logp, _ = response_logprobs_and_entropy(lm, params["policy"], *args, temperature)

@@ -37,14 +37,10 @@ def join_prompt_response(prompt_tokens: Array, prompt_mask: Array, response_toke
 def response_logprobs(lm, params, prompt_tokens, prompt_mask, response_tokens, response_mask,
                       temperature: float = 1.0) -> Array:
   """log pi(response_j | prompt, response_<j) for each response token: [B, N] float32 nats,
-  0 where response_mask is 0. `temperature` divides the logits (as the sampler does)."""
-  tokens, positions, segments = join_prompt_response(prompt_tokens, prompt_mask, response_tokens,
-                                                     response_mask)
-  logits, _ = lm.apply(params, tokens, positions, segments)
-  if temperature != 1.0:
-    logits = logits / temperature
-  lp = next_token_logprobs(logits, tokens)[:, prompt_tokens.shape[1]:]
-  return lp * response_mask
+  0 where response_mask is 0. `temperature` divides the logits (as the sampler does). Under jit
+  the unused entropy of `response_logprobs_and_entropy` is never computed."""
+  return response_logprobs_and_entropy(lm, params, prompt_tokens, prompt_mask, response_tokens,
+                                       response_mask, temperature)[0]
 
 
 def response_logprobs_and_entropy(lm, params, prompt_tokens, prompt_mask, response_tokens,
