@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6.2",
     "numpy>=1.26",
+    "scipy>=1.11",  # Student t intervals of sweep summaries (jax needs it too)
     "pyarrow>=15.0",
     "matplotlib>=3.8",
     "sentencepiece>=0.2.0",

@@ -189,7 +189,7 @@ class Checkpointer:
     """Saves `state` at `step` (asynchronously) unless already saved; refuses a halted state."""
     if self.last_saved == step:
       return False
-    halted = int(np.asarray(jax.device_get(state.halted_at)))
+    halted = int(np.asarray(jax.device_get(state.halted_at)).max())  # [M] for a sweep's members
     if halted >= 0:
       logging.error("not saving step %d: the run halted on a non-finite step %d; the last good "
                     "checkpoint is step %s", step, halted, self.last_saved)

@@ -2,7 +2,7 @@
 
   alignax train     --config=configs/pretrain.py:tiny [--config.key=value ...]
   alignax pipeline  --config=configs/pipeline.py:tiny --config.workdir=DIR
-  alignax sweep     --config=configs/dpo.py:tiny --out=DIR --grid=dpo.beta=0.1,0.3 --grid=seed=0,1
+  alignax sweep     --config=configs/dpo.py:tiny --out=DIR --grid=dpo.beta=0.1,0.3 --grid=seed=0,1 [--vectorize]
   alignax sample    --workdir=DIR --prompt="What is the capital of France?"
   alignax eval      --workdir=DIR
   alignax data      world --out=DIR [--config=configs/pretrain.py:tiny]
@@ -124,12 +124,16 @@ def cmd_sweep(prog: str, argv: list[str]) -> None:
   flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,... (repeat the flag; the grid is the product).")
   flags.DEFINE_list("metrics", [], "eval metrics in the printed table (default: all), "
                     "e.g. eval/gold_reward,eval/kl_to_reference.")
+  flags.DEFINE_bool("vectorize", False, "Train points that differ only in continuous keys and the "
+                    "seed as members of one compiled program (vmap over runs); other keys group "
+                    "the points into one program each.")
 
   def main(cfg):
-    from alignax.sweep import format_table, run_sweep
+    from alignax.sweep import format_table, run_sweep, run_vectorized_sweep
     if cfg is None:
       _die("--config=FILE[:PRESET] is required")
-    _, summary, failed = run_sweep(cfg, flags.FLAGS.grid, flags.FLAGS.out)
+    sweep = run_vectorized_sweep if flags.FLAGS.vectorize else run_sweep
+    _, summary, failed = sweep(cfg, flags.FLAGS.grid, flags.FLAGS.out)
     known = {n for row in summary for n in row["metrics"]}
     unknown = [n for n in flags.FLAGS.metrics if n not in known]
     if unknown and summary:

@@ -80,7 +80,8 @@ def base_config(stage: str, preset: str = "tiny") -> ConfigDict:
 
   c.parallel = ConfigDict()
   c.parallel.mode = "jit"  # "jit" (named shardings on a mesh) or "pmap"
-  c.parallel.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 fills the remaining devices
+  # -1 fills the remaining devices; `members` splits a vectorized sweep's members (alignax sweep --vectorize)
+  c.parallel.mesh = ConfigDict(dict(members=1, data=-1, fsdp=1, tensor=1))
   c.parallel.distributed = ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
 
   c.checkpoint = ConfigDict()
@@ -141,6 +142,7 @@ def validate_common(cfg: ConfigDict) -> ModelConfig:
   for axis in ("data", "fsdp", "tensor"):
     size = cfg.parallel.mesh[axis]
     _check(size == -1 or size >= 1, f"parallel.mesh.{axis}", f"must be -1 or >= 1, got {size}")
+  _check(cfg.parallel.mesh.get("members", 1) >= 1, "parallel.mesh.members", "must be >= 1")
   _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
   _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   return model

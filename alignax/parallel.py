@@ -49,6 +49,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+MEMBER_AXIS = "members"  # the leading axis of a vectorized sweep's mesh (alignax.train.members)
 BATCH_AXES = ("data", "fsdp")
 MODES = ("jit", "pmap")
 PMAP_AXIS = "data"  # pmap's axis name: the data axis of the mesh it replaces
@@ -103,12 +104,31 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """The ("data", "fsdp", "tensor") mesh that `parallel.mesh` describes, in Auto sharding mode."""
+def make_mesh(mesh_cfg, devices=None, *, with_members: bool = False) -> Mesh:
+  """The ("data", "fsdp", "tensor") mesh that `parallel.mesh` describes, in Auto sharding mode.
+
+  With `with_members` (a vectorized sweep) the mesh has a leading "members" axis of size
+  `parallel.mesh.members`, and the other axes share the remaining devices. Members vary fastest
+  in device order, so each process holds every member of its block of batch rows (each process
+  reads its own rows for every member).
+  """
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(mesh_cfg, len(devices))
-  used = devices[: math.prod(shape)]
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=used)
+  members = int(mesh_cfg.get("members", 1))
+  if members < 1:
+    raise ParallelError(f"parallel.mesh.members: must be >= 1, got {members}")
+  if not with_members:
+    if members > 1:
+      raise ParallelError(f"parallel.mesh.members={members} splits the members of a vectorized sweep "
+                          "(alignax sweep --vectorize); a single run has one member")
+    shape = mesh_shape(mesh_cfg, len(devices))
+    used = devices[: math.prod(shape)]
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=used)
+  if len(devices) % members:
+    raise ParallelError(f"parallel.mesh.members={members} does not divide the {len(devices)} devices")
+  shape = mesh_shape(mesh_cfg, len(devices) // members)
+  used = devices[: math.prod(shape) * members]
+  grid = np.moveaxis(np.array(used, dtype=object).reshape(*shape, members), -1, 0)
+  return Mesh(grid, (MEMBER_AXIS,) + MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
 def logical_to_spec(axes, shape, mesh: Mesh) -> P:
@@ -282,14 +302,14 @@ class Placement:
     The mesh is active while tracing, so `constrain` inside the model takes effect.
     """
     state_sh = self.state_sharding(state)
-    jitted = jax.jit(_with_mesh(step_fn, self.mesh), in_shardings=(state_sh, batch_sharding(self.mesh)),
+    jitted = jax.jit(with_mesh(step_fn, self.mesh), in_shardings=(state_sh, batch_sharding(self.mesh)),
                      out_shardings=(state_sh, self.replicated()), donate_argnums=0)
     return jitted
 
   def jit_eval(self, fn: Callable, params) -> Callable:
     """jit `fn(params, batch)` with the params' shardings, the batch over the data axes,
     outputs replicated."""
-    return jax.jit(_with_mesh(fn, self.mesh),
+    return jax.jit(with_mesh(fn, self.mesh),
                    in_shardings=(self.state_sharding(params), batch_sharding(self.mesh)),
                    out_shardings=self.replicated())
 
@@ -300,7 +320,7 @@ class Placement:
     return jax.jit(init_fn, out_shardings=self.state_sharding(abstract))()
 
 
-def _with_mesh(fn: Callable, mesh: Mesh) -> Callable:
+def with_mesh(fn: Callable, mesh: Mesh) -> Callable:
   """`fn` traced with `mesh` active (so `constrain` sees it); called values are unchanged."""
   @functools.wraps(fn)
   def wrapped(*args):
@@ -450,13 +470,15 @@ def bind_axis_name(step_fn: Callable, axis_name: str) -> Callable:
 AnyPlacement = Placement | PmapPlacement
 
 
-def make_placement(parallel_cfg, model_cfg=None, global_batch: int | None = None) -> AnyPlacement:
+def make_placement(parallel_cfg, model_cfg=None, global_batch: int | None = None, *,
+                   with_members: bool = False) -> AnyPlacement:
   """The placement `parallel.mode` names on the mesh from config, validated against the model,
-  the batch and the process layout before anything compiles."""
+  the batch and the process layout before anything compiles (`with_members`: the mesh of a
+  vectorized sweep, see `make_mesh`)."""
   mode = parallel_cfg.get("mode", "jit")
   if mode not in MODES:
     raise ParallelError(f"parallel.mode: must be one of {MODES}, got {mode!r}")
-  mesh = make_mesh(parallel_cfg.mesh)
+  mesh = make_mesh(parallel_cfg.mesh, with_members=with_members)
   if model_cfg is not None:
     check_model_fits_mesh(model_cfg, mesh)
   if global_batch is not None:
@@ -524,5 +546,6 @@ def is_main_process() -> bool:
 def describe(mesh_or_placement) -> str:
   """"data=2 x fsdp=2 x tensor=2" (with " (pmap)" for a pmap placement)."""
   mesh = getattr(mesh_or_placement, "mesh", mesh_or_placement)
-  text = " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+  axes = ((MEMBER_AXIS,) if MEMBER_AXIS in mesh.shape else ()) + MESH_AXES
+  text = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
   return text + (" (pmap)" if getattr(mesh_or_placement, "mode", "jit") == "pmap" else "")

@@ -68,9 +68,13 @@ def test_summary_matches_numpy_over_seeds():
     for j, name in enumerate(("eval/a", "eval/b")):
       np.testing.assert_allclose(row["metrics"][name]["mean"], values[:, j].mean(), rtol=1e-12)
       np.testing.assert_allclose(row["metrics"][name]["std"], values[:, j].std(ddof=1), rtol=1e-12)
+      # 95% Student-t interval of the mean, t(0.975, df=2) = 4.302652729911275 (the published table)
+      np.testing.assert_allclose(row["metrics"][name]["ci95"],
+                                 4.302652729911275 * values[:, j].std(ddof=1) / np.sqrt(3), rtol=1e-9)
   table = format_table(summary, ["eval/a"])
   assert table.splitlines()[0] == "| dpo.beta | n | a |"
-  assert f"{expected[0.3][:, 0].mean():.3f} ± {expected[0.3][:, 0].std(ddof=1):.3f}" in table
+  ci = 4.302652729911275 * expected[0.3][:, 0].std(ddof=1) / np.sqrt(3)
+  assert f"{expected[0.3][:, 0].mean():.3f} ± {ci:.3f}" in table
 
 
 def test_final_eval_takes_the_last_finite_value_of_each_eval_metric():

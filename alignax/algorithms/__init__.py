@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 
-def run_stage(cfg):
-  """Trains the stage `cfg.stage` names and returns its StageResult: validates the config, runs
-  the upstream stages whose exports are missing, adopts the init export's model and tokenizer,
-  then hands the record to the shared runner."""
+def _prepare(cfg):
+  """(record, model or None): validates `cfg`, runs missing upstream stages, adopts the init
+  export's model and tokenizer."""
   from alignax.algorithms import registry
   from alignax.algorithms.common import adopt_export, ensure_export
   from alignax.config import validate_common
-  from alignax.train.runner import run_training
   record = registry.get(cfg.stage)
   # Bad keys fail before any upstream stage is run for this one.
   validate_common(cfg)
@@ -25,4 +23,32 @@ def run_stage(cfg):
   model = None
   if "init" in record.upstream:
     model = adopt_export(cfg, cfg.init.workdir, chat_stages=registry.chat_stages())
+  return record, model
+
+
+def run_stage(cfg):
+  """Trains the stage `cfg.stage` names and returns its StageResult: validates the config, runs
+  the upstream stages whose exports are missing, adopts the init export's model and tokenizer,
+  then hands the record to the shared runner."""
+  from alignax.train.runner import run_training
+  record, model = _prepare(cfg)
   return run_training(cfg, record.build, record.export, validate=record.validate, model_config=model)
+
+
+def run_members(named_cfgs, group_dir: str):
+  """Trains the configs of one stage as members of one vectorized program (`alignax.train.members`).
+
+  named_cfgs: [(member name, config)], differing only in the record's `vectorized_keys`.
+  Returns one StageResult per member.
+  """
+  from alignax.algorithms import registry
+  from alignax.train import members as members_lib
+  stages = {cfg.stage for _, cfg in named_cfgs}
+  if len(stages) != 1:
+    raise ValueError(f"members of one group must train one stage, got {sorted(stages)}")
+  record = registry.get(stages.pop())
+  members = []
+  for name, cfg in named_cfgs:
+    _, model = _prepare(cfg)
+    members.append(members_lib.Member(name=name, cfg=cfg, model=model))
+  return members_lib.run_members(members, group_dir, record.build, record.export, validate=record.validate)

@@ -21,6 +21,11 @@ import dataclasses
 from typing import Callable, Mapping
 
 RECORD_FORMATS = ("text", "sft", "preference", "unpaired", "prompts")
+# Keys every stage can vectorize: the seed (init, data order, sampling keys live in the state and
+# the data iterator) and the optimizer's numbers (the learning rate through `lr_scale`, the rest
+# in optax's injected hyperparameters, which are optimizer state).
+COMMON_VECTORIZED = ("seed", "optimizer.lr", "optimizer.weight_decay", "optimizer.b1",
+                     "optimizer.b2", "optimizer.eps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,8 @@ class Algorithm:
     optional: not run by default in the pipeline (a user adds it to `config.stages`).
     needs: `(cfg) -> fields of upstream` this config actually uses (default: all of them; e.g.
       GRPO without a reward-model source needs no reward-model run).
+    state_keys: keys of `section` that are not hparams but still enter the run only through its
+      state (e.g. PPO's initial `kl_coef`, which the adaptive controller updates in `extra`).
   """
 
   name: str
@@ -64,6 +71,7 @@ class Algorithm:
   report_format: str = "chat"
   optional: bool = False
   needs: Callable | None = None
+  state_keys: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.records not in RECORD_FORMATS:
@@ -83,6 +91,13 @@ class Algorithm:
       return {}
     section = cfg[self.section]
     return {key: float(section[key]) for key in self.hparams}
+
+  def vectorized_keys(self) -> tuple[str, ...]:
+    """Config keys whose values reach the step only as data, so runs differing in them alone
+    can be members of one vmapped program (`alignax sweep --vectorize`)."""
+    own = () if self.section is None else tuple(f"{self.section}.{k}"
+                                                for k in self.hparams + self.state_keys)
+    return COMMON_VECTORIZED + own
 
   def needed_upstream(self, cfg) -> tuple[str, ...]:
     return tuple(self.needs(cfg)) if self.needs is not None else tuple(self.upstream)

@@ -20,7 +20,7 @@ from alignax.generation.sampler import SamplingConfig
 from alignax.generation.scoring import grouped_response_logprobs
 from alignax.losses import rl
 from alignax.train.loop import Run
-from alignax.train.optimizer import current_lr, make_optimizer
+from alignax.train.optimizer import effective_lr, make_optimizer
 from alignax.train.state import TrainState
 
 
@@ -157,7 +157,7 @@ def make_group_iteration(lm, sources: RewardSources, optimizer, gcfg, sampling: 
     experience = dict(prompt_tokens=r.prompt_tokens, prompt_mask=r.prompt_mask, response=r.tokens,
                       mask=mask, advantages=jax.lax.stop_gradient(adv), weights=weights,
                       ref_logp=ref_logp, old_logp=old_logp)
-    lr = current_lr(state.opt_state)
+    lr = effective_lr(state)
     state, update_m = update_epochs(
         lambda p, mb, h: loss_fn(p, mb, h, beta), optimizer, state, experience,
         jax.random.fold_in(key, 1), epochs=epochs, num_minibatches=num_mb,

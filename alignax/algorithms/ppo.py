@@ -37,7 +37,7 @@ from alignax.generation.sampler import SamplingConfig
 from alignax.generation.scoring import response_logprobs_and_entropy, response_values
 from alignax.losses import rl
 from alignax.train.loop import Run
-from alignax.train.optimizer import current_lr, make_optimizer
+from alignax.train.optimizer import effective_lr, make_optimizer
 from alignax.train.runner import StageContext
 from alignax.train.state import TrainState
 
@@ -122,7 +122,7 @@ def make_ppo_iteration(lm, value_model, sources: reward_sources.RewardSources, o
     experience, reward_ok, metrics = rollout(lm, value_model, sources, pcfg, sampling, eos_id, pad_id,
                                              state, batch, jax.random.fold_in(key, 0), axis_name)
     experience = jax.tree.map(jax.lax.stop_gradient, experience)
-    lr = current_lr(state.opt_state)
+    lr = effective_lr(state)
     kl_coef = state.extra.kl_coef
     state, update_m = online.update_epochs(
         lambda p, mb, hp: loss(p, mb, hp, kl_coef), optimizer, state, experience,
@@ -193,4 +193,5 @@ def export(ctx: StageContext, state) -> None:
 
 ALGORITHM = Algorithm(name="ppo", records="prompts", section="ppo", hparams=HPARAMS,
                       upstream={"init": "sft", "reward_model": "reward"},
-                      build=build_run, export=export, validate=validate)
+                      build=build_run, export=export, validate=validate,
+                      state_keys=("kl_coef",))

@@ -44,4 +44,5 @@ def export(ctx: StageContext, state) -> None:
 
 ALGORITHM = Algorithm(name="rloo", records="prompts", section="rloo", hparams=HPARAMS,
                       upstream={"init": "sft", "reward_model": "reward"},
-                      build=build_run, export=export, validate=validate, needs=reward_sources.needed_upstream)
+                      build=build_run, export=export, validate=validate, needs=reward_sources.needed_upstream,
+                      state_keys=("kl_coef",))

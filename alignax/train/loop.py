@@ -52,17 +52,24 @@ class Run:
   after_step: Callable[[int, Mapping[str, jax.Array]], None] | None = None
 
 
+def _step_of(state) -> int:
+  return int(np.asarray(jax.device_get(state.step)).max())  # members all share the step
+
+
 def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict:
   return {(k if "/" in k else f"{prefix}/{k}"): v for k, v in values.items()}
 
 
 def _raise_if_halted(state: TrainState, checkpointer) -> None:
-  halted = int(np.asarray(jax.device_get(state.halted_at)))
-  if halted < 0:
+  # halted_at is a scalar, or [M] for the members of a vectorized sweep (any member stops all)
+  halted = np.asarray(jax.device_get(state.halted_at)).reshape(-1)
+  if not (halted >= 0).any():
     return
   saved = getattr(checkpointer, "last_saved", None)
-  raise HaltError(f"non-finite loss or gradient at step {halted + 1} (train.nonfinite='halt'); "
-                  f"updates stopped there, so the params are those after step {halted}; "
+  first = int(halted[halted >= 0].min())
+  which = "" if halted.size == 1 else f" in member(s) {np.flatnonzero(halted >= 0).tolist()}"
+  raise HaltError(f"non-finite loss or gradient at step {first + 1}{which} (train.nonfinite='halt'); "
+                  f"updates stopped there, so the params are those after step {first}; "
                   f"the last good checkpoint is step {saved}")
 
 
@@ -88,8 +95,8 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
     restored = checkpointer.restore(state, run.batches)
     if restored is not None:
       state = restored
-      writer.truncate_after(int(jax.device_get(state.step)))
-  start = int(jax.device_get(state.step))
+      writer.truncate_after(_step_of(state))
+  start = _step_of(state)
   step_fn = placement.jit_step(run.train_step, state)
   log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
   ckpt_every = int(cfg.checkpoint.every)

@@ -68,3 +68,10 @@ def current_lr(opt_state) -> jax.Array | None:
     if hasattr(s, "hyperparams"):
       return s.hyperparams["learning_rate"]
   return None
+
+
+def effective_lr(state) -> jax.Array | None:
+  """The learning rate a TrainState's next update uses: the schedule's value times the run's
+  `lr_scale` hyperparameter (how a vectorized sweep gives each member its own rate)."""
+  lr = current_lr(state.opt_state)
+  return None if lr is None else lr * state.hparam("lr_scale", 1.0)

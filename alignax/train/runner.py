@@ -45,7 +45,7 @@ class StageResult:
   workdir: str
 
 
-def _log_to_file(workdir: str) -> None:
+def log_to_file(workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   handler = logging.get_absl_handler()
   try:
@@ -84,7 +84,7 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
   workdir = cfg.workdir
   if is_main:
     save_config(cfg, workdir)
-    _log_to_file(workdir)
+    log_to_file(workdir)
   logging.info("stage %s: workdir %s, mesh %s, %d processes", cfg.stage, workdir,
                parallel.describe(placement.mesh), jax.process_count())
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)

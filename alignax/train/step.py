@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from alignax.train.optimizer import current_lr
+from alignax.train.optimizer import effective_lr
 from alignax.train.state import TrainState
 
 LossFn = Callable[[Any, Any, jax.Array, Any, Any], tuple[jax.Array, jax.Array, dict]]
@@ -115,7 +115,7 @@ def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransform
     (new state with step + 1, metrics: grad_norm (before clipping), lr, nonfinite, applied).
   """
   allowed = state.halted_at < 0
-  lr = current_lr(state.opt_state)
+  lr = effective_lr(state)
   params, opt_state, finite = guarded_update(state.params, state.opt_state, grads, loss, optimizer,
                                              allowed, state.hparam("lr_scale", 1.0))
   new_state = record_finiteness(state.replace(params=params, opt_state=opt_state), finite,
