@@ -22,6 +22,7 @@ def get_config(preset: str | None = None):
       use_margin=False,  # subtract each record's "margin" inside the sigmoid
       normalize=True,  # after training: rewards of SFT samples on train prompts -> mean 0, std 1
       normalize_prompts=256,  # train prompts sampled for the normalization
+      ensemble=1,  # K > 1: K reward models (seeds seed..seed+K-1) trained as one vmapped program
   ))
   c.eval = eval_section()
   c.optimizer.weight_decay = 0.0

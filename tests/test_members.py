@@ -186,8 +186,8 @@ def _assert_same_run(vec, sep, rtol):
 
 def _stage_cfg(stage, upstream, **overrides):
   init = upstream["pretrain"] if stage == "sft" else upstream["sft"]
-  return _cfg(stage, **SMALL, **{"init.workdir": init, "train.steps": 20, "train.log_every": 1,
-                                 "eval.num_prompts": 0}, **overrides)
+  values = {**SMALL, "init.workdir": init, "train.steps": 20, "train.log_every": 1, "eval.num_prompts": 0}
+  return _cfg(stage, **{**values, **overrides})
 
 
 @pytest.mark.slow
@@ -248,3 +248,62 @@ def test_ppo_members_are_exactly_their_separate_runs(upstream, tmp_path):
     _assert_same_run(str(tmp_path / "vec" / name), str(tmp_path / "sep" / name), 1e-4)
   kl = [[r["train/kl_coef"] for r in metric_rows(str(tmp_path / "vec" / n)) if "train/kl_coef" in r] for n, _ in points]
   assert kl[0][0] == pytest.approx(0.05) and kl[1][0] == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------------------------------ ensembles
+
+
+@pytest.mark.parametrize("mode", ["mean", "mean_minus_std", "mean_minus_var", "min"])
+def test_ensemble_scores_are_the_combination_of_the_members_scores(tiny_llama, mode):
+  """A RewardEnsemble's response scores against each member scored alone, combined in float64."""
+  from alignax.generation.scoring import response_scores
+  from alignax.models.heads import RewardEnsemble, build_scalar_model
+  members = [build_scalar_model(tiny_llama, seed) for seed in range(3)]
+  ensemble = RewardEnsemble(members[0][0], 3, mode, coef=0.7)
+  stacked = members_lib.stack([p for _, p in members])
+  rng = np.random.default_rng(0)
+  prompt = jnp.asarray(rng.integers(1, 300, (4, 6)), jnp.int32)
+  pmask = jnp.asarray(np.array([[0, 0, 1, 1, 1, 1]] * 4), jnp.int32)
+  response = jnp.asarray(rng.integers(1, 300, (4, 5)), jnp.int32)
+  rmask = jnp.asarray(np.array([[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]), jnp.int32)
+  got = np.asarray(response_scores(ensemble, stacked, prompt, pmask, response, rmask))
+  each = np.stack([np.asarray(response_scores(m, p, prompt, pmask, response, rmask), np.float64)
+                   for m, p in members])
+  expected = {"mean": each.mean(0), "mean_minus_std": each.mean(0) - 0.7 * each.std(0),
+              "mean_minus_var": each.mean(0) - 0.7 * each.var(0), "min": each.min(0)}[mode]
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_reward_ensemble_trains_as_members_and_ppo_scores_with_it(upstream, tmp_path):
+  """`reward.ensemble=3`: three seeds as one program, each a normal run; the export holds all
+  three (stacked), the ensemble's held-out accuracy is logged next to a single member's; PPO
+  trains on the ensemble's mean - std."""
+  from alignax.algorithms import run_stage
+  from alignax.algorithms.reward import load_reward_model
+  from alignax.models.heads import RewardEnsemble
+  workdir = str(tmp_path / "reward")
+  cfg = _cfg("reward", **SMALL, workdir=workdir, **{"init.workdir": upstream["sft"], "train.steps": 10,
+                                                    "reward.ensemble": 3, "eval.num_prompts": 8,
+                                                    "reward.normalize_prompts": 8})
+  assert run_stage(cfg).finished
+  model, params, meta = load_reward_model(workdir, mode="mean_minus_std")
+  assert isinstance(model, RewardEnsemble) and model.size == 3 and meta["extra"]["members"] == [
+      "seed=0", "seed=1", "seed=2"]
+  for i in range(3):
+    own, _ = ckpt_lib.load_export(os.path.join(workdir, "members", f"seed={i}"))
+    for x, y in zip(jax.tree.leaves(own), jax.tree.leaves(jax.tree.map(lambda a: a[i], params))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  heads = [np.asarray(params["head_w"][...])[i] for i in range(3)]
+  assert not np.allclose(heads[0], heads[1])  # three seeds, three models
+  (row,) = [r for r in metric_rows(workdir) if "eval/ensemble_size" in r]
+  for name in ("accuracy", "gold_accuracy", "gold_agreement"):
+    assert 0 <= row[f"eval/{name}"] <= 1 and 0 <= row[f"eval/single/{name}"] <= 1
+  member0 = [r for r in metric_rows(os.path.join(workdir, "members", "seed=0")) if "eval/accuracy" in r][-1]
+  assert row["eval/single/accuracy"] == pytest.approx(member0["eval/accuracy"])
+  ppo = _stage_cfg("ppo", upstream, workdir=str(tmp_path / "ppo"), **{
+      "reward_model.workdir": workdir, "rewards.ensemble": "mean_minus_std", "train.steps": 2,
+      "ppo.max_new_tokens": 16, "ppo.epochs": 1, "ppo.num_minibatches": 1})
+  assert run_stage(ppo).finished
+  rows = [r for r in metric_rows(ppo.workdir) if "train/score_model" in r]
+  assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) and r["train/applied"] == 1.0 for r in rows)

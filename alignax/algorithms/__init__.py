@@ -30,9 +30,21 @@ def run_stage(cfg):
   """Trains the stage `cfg.stage` names and returns its StageResult: validates the config, runs
   the upstream stages whose exports are missing, adopts the init export's model and tokenizer,
   then hands the record to the shared runner."""
-  from alignax.train.runner import run_training
+  from alignax.train.runner import StageResult, run_training
   record, model = _prepare(cfg)
-  return run_training(cfg, record.build, record.export, validate=record.validate, model_config=model)
+  named = record.members_of(cfg) if record.members_of is not None else None
+  if not named:
+    return run_training(cfg, record.build, record.export, validate=record.validate, model_config=model)
+  import os
+
+  from alignax.train import members as members_lib
+  members = [members_lib.Member(name=n, cfg=c, model=model) for n, c in named]
+  results = members_lib.run_members(members, os.path.join(cfg.workdir, "members", members_lib.GROUP_DIR),
+                                    record.build, record.export, validate=record.validate)
+  finished = all(r.finished for r in results)
+  if finished:
+    record.combine(cfg, [r.workdir for r in results])
+  return StageResult(state=None, finished=finished, workdir=cfg.workdir)
 
 
 def run_members(named_cfgs, group_dir: str):
@@ -50,5 +62,10 @@ def run_members(named_cfgs, group_dir: str):
   members = []
   for name, cfg in named_cfgs:
     _, model = _prepare(cfg)
+    if record.members_of is not None and record.members_of(cfg):
+      from alignax.config import ConfigError
+      raise ConfigError(f"member {name}: a {record.name} run that is itself several members (e.g. "
+                        f"reward.ensemble > 1) cannot be a member of a vectorized sweep; sweep it "
+                        f"without --vectorize")
     members.append(members_lib.Member(name=name, cfg=cfg, model=model))
   return members_lib.run_members(members, group_dir, record.build, record.export, validate=record.validate)

@@ -55,6 +55,10 @@ class Algorithm:
       GRPO without a reward-model source needs no reward-model run).
     state_keys: keys of `section` that are not hparams but still enter the run only through its
       state (e.g. PPO's initial `kl_coef`, which the adaptive controller updates in `extra`).
+    members_of: `(cfg) -> [(name, member cfg)] | None`: when the config asks for several runs
+      trained together as one (a reward-model ensemble), their configs; `run_stage` trains them
+      as members of one vectorized program, then calls `combine(cfg, member workdirs)`.
+    combine: writes the stage's export (and evaluation) from its members' runs.
   """
 
   name: str
@@ -72,12 +76,16 @@ class Algorithm:
   optional: bool = False
   needs: Callable | None = None
   state_keys: tuple[str, ...] = ()
+  members_of: Callable | None = None
+  combine: Callable | None = None
 
   def __post_init__(self):
     if self.records not in RECORD_FORMATS:
       raise ValueError(f"algorithm {self.name}: records must be one of {RECORD_FORMATS}")
     if self.hparams and self.section is None:
       raise ValueError(f"algorithm {self.name}: continuous hparams need a config section")
+    if (self.members_of is None) != (self.combine is None):
+      raise ValueError(f"algorithm {self.name}: members_of and combine come together")
     if self.report_format not in ("chat", "raw"):
       raise ValueError(f"algorithm {self.name}: report_format must be 'chat' or 'raw'")
 

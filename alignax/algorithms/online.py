@@ -240,11 +240,15 @@ def load_policy_and_reference(ctx):
 
 
 def load_reward(ctx, needed: bool):
-  """(reward model, params) of `reward_model.workdir` when `needed`, else (None, None)."""
+  """(reward model, params) of `reward_model.workdir` when `needed`, else (None, None); an
+  ensemble export scores by `rewards.ensemble` / `rewards.ensemble_coef`."""
   if not needed:
     return None, None
   from alignax.algorithms.reward import load_reward_model
-  model, params, _ = load_reward_model(ctx.cfg.reward_model.workdir, ctx.placement)
+  rewards = ctx.cfg.rewards
+  model, params, _ = load_reward_model(ctx.cfg.reward_model.workdir, ctx.placement,
+                                       mode=rewards.get("ensemble", "mean"),
+                                       coef=float(rewards.get("ensemble_coef", 1.0)))
   return model, params
 
 

@@ -22,7 +22,8 @@ Which objective each KL option optimizes is `rl.kl_objective` (k1 in the reward,
 k3_weighted in the loss: E[r] - beta KL(pi || ref)); k3 in the reward is refused.
 
 Policy and reference start from the SFT export (`init.workdir`); the value model and the frozen
-reward model start from the reward-model export (`reward_model.workdir`).
+reward model start from the reward-model export (`reward_model.workdir`; of an ensemble, the
+reward is the ensemble's `rewards.ensemble` score and the value model starts from member 0).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 
 from alignax.algorithms import online, reward_sources
 from alignax.algorithms.base import Algorithm
+from alignax.algorithms.reward import member_params
 from alignax.config import ConfigDict, ConfigError
 from alignax.generation.sampler import SamplingConfig
 from alignax.generation.scoring import response_logprobs_and_entropy, response_values
@@ -169,16 +171,17 @@ def build_run(ctx: StageContext) -> Run:
   prompts = online.prompt_batches(ctx, records, int(pcfg.prompt_len))
   lm, sft_params = online.load_policy_and_reference(ctx)
   reward_model, rm_params = online.load_reward(ctx, needed=True)
+  value_model, value_params = member_params(reward_model, rm_params, 0)
   sources = reward_sources.make_reward_sources(cfg, ctx.tokenizer, records, reward_model)
   optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps) * int(pcfg.epochs) * int(pcfg.num_minibatches))
   extra = online.RLState(ref=sft_params, reward=rm_params if sources.uses_model else None,
                          kl_coef=jnp.asarray(float(pcfg.kl_coef), jnp.float32))
-  state = TrainState.create({"policy": online.copy_tree(sft_params), "value": online.copy_tree(rm_params)},
+  state = TrainState.create({"policy": online.copy_tree(sft_params), "value": online.copy_tree(value_params)},
                             optimizer, jax.random.key(int(cfg.seed)), extra=extra,
                             hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   sampling = SamplingConfig(temperature=float(pcfg.temperature), max_new_tokens=int(pcfg.max_new_tokens))
-  step = make_ppo_iteration(lm, reward_model, sources, optimizer, pcfg, sampling, ctx.tokenizer.eos_id,
+  step = make_ppo_iteration(lm, value_model, sources, optimizer, pcfg, sampling, ctx.tokenizer.eos_id,
                             ctx.tokenizer.pad_id, cfg.train.nonfinite, int(cfg.train.batch_size))
   tokens = int(cfg.train.batch_size) * (int(pcfg.prompt_len) + int(pcfg.max_new_tokens))
   return Run(name="ppo", state=state, train_step=step, batches=prompts,

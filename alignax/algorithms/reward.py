@@ -9,6 +9,14 @@ SFT samples on the train prompts have mean 0 and std 1; gain and bias are folded
 and recorded in the export. Eval: held-out preference accuracy (against the dataset's labels,
 and against the gold order when the records carry gold scores), and on the world task the
 agreement with the gold labeler on pairs of fresh SFT samples (`eval/gold_agreement`).
+
+`reward.ensemble=K` (Coste et al. 2023) trains K reward models, seeds `seed` .. `seed + K - 1`,
+as the members of one vectorized program (`alignax.train.members`), each a normal run in
+WORKDIR/members/seed=<s>; WORKDIR/export then holds all K (params stacked on a leading member
+axis, each normalized on its own), which PPO, GRPO and RLOO load as a `RewardEnsemble` scoring
+by `rewards.ensemble` (mean, mean - coef * std, mean - coef * variance, min). WORKDIR's
+metrics.jsonl gets the ensemble's held-out evaluation (its mean score) next to a single
+member's (`eval/single/*`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from alignax.generation import Sampler, SamplingConfig
 from alignax.generation.scoring import response_scores
 from alignax.losses.preference import bradley_terry_loss
 from alignax.models import abstract_lm
-from alignax.models.heads import abstract_scalar_model, build_scalar_model, last_token
+from alignax.models.heads import (RewardEnsemble, abstract_scalar_model, build_scalar_model,
+                                  last_token)
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
 from alignax.train.runner import StageContext
@@ -63,6 +72,8 @@ def reward_loss(model, use_margin: bool):
 def validate(cfg: ConfigDict) -> None:
   if cfg.reward.center_coef < 0:
     raise ConfigError(f"config.reward.center_coef: must be >= 0, got {cfg.reward.center_coef}")
+  if int(cfg.reward.get("ensemble", 1)) < 1:
+    raise ConfigError(f"config.reward.ensemble: must be >= 1, got {cfg.reward.ensemble}")
 
 
 class RewardEval:
@@ -229,15 +240,103 @@ def export(ctx: StageContext, state) -> None:
                        chat_template=ctx.cfg.data.chat_template, extra=extra)
 
 
-def load_reward_model(workdir: str, placement=None):
-  """(model, params, meta) of a reward-model export (normalization already folded in)."""
+def load_reward_model(workdir: str, placement=None, mode: str = "mean", coef: float = 1.0):
+  """(model, params, meta) of a reward-model export (normalization already folded in).
+
+  An ensemble export (`reward.ensemble=K`) comes back as a `RewardEnsemble` scoring by `mode`
+  and `coef`, with params stacked [K, ...] (the member axis replicated).
+  """
   cfg = ckpt_lib.export_model_config(workdir)
   model, abstract = abstract_scalar_model(cfg)
+  k = int(ckpt_lib.read_export_meta(workdir)["extra"].get("ensemble", 1))
   shardings = placement.state_sharding(abstract) if placement is not None else None
+  if k > 1:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype), abstract)
+    if shardings is not None:
+      shardings = jax.tree.map(lambda sh: jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec)),
+                               shardings)
+    model = RewardEnsemble(model, k, mode, float(coef))
   params, meta = ckpt_lib.load_export(workdir, abstract, shardings)
   return model, params, meta
 
 
+def member_params(model, params, i: int = 0):
+  """(scalar model, params) of member `i` of an ensemble (the model itself when it is not one)."""
+  if isinstance(model, RewardEnsemble):
+    return model.member, jax.tree.map(lambda x: x[i], params)
+  return model, params
+
+
+# ------------------------------------------------------------------------------------ ensembles
+
+
+def ensemble_members(cfg: ConfigDict):
+  """[(name, member config)] of `reward.ensemble=K` > 1 (seeds seed .. seed + K - 1, each in
+  WORKDIR/members/seed=<s> as a single model), or None for a single reward model."""
+  k = int(cfg.reward.get("ensemble", 1))
+  if k <= 1:
+    return None
+  import copy
+  import os
+  out = []
+  for i in range(k):
+    member = copy.deepcopy(cfg)
+    with member.unlocked():
+      member.seed = int(cfg.seed) + i
+      member.reward.ensemble = 1
+      member.workdir = os.path.join(cfg.workdir, "members", f"seed={member.seed}")
+    out.append((f"seed={member.seed}", member))
+  return out
+
+
+def combine_ensemble(cfg: ConfigDict, member_workdirs) -> None:
+  """WORKDIR/export holding every member's export stacked, and the ensemble's evaluation next to
+  a single member's in WORKDIR/metrics.jsonl."""
+  import os
+
+  from alignax import metrics as metrics_lib
+  from alignax.config import save_config
+  from alignax.data.sources import resolve_tokenizer
+  exports = [ckpt_lib.load_export(w) for w in member_workdirs]
+  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[p for p, _ in exports])
+  meta = exports[0][1]
+  model_cfg = ckpt_lib.export_model_config(member_workdirs[0])
+  extra = {"ensemble": len(exports), "members": [os.path.basename(w) for w in member_workdirs],
+           "member_extra": [m["extra"] for _, m in exports]}
+  save_config(cfg, cfg.workdir)
+  writer = metrics_lib.MetricsWriter(cfg.workdir, tensorboard=False, enabled=parallel.is_main_process())
+  placement = parallel.make_placement(cfg.parallel, model_cfg, int(cfg.train.batch_size))
+  ctx = StageContext(cfg=cfg, model=model_cfg, placement=placement, tokenizer=resolve_tokenizer(cfg),
+                     writer=writer, is_main=parallel.is_main_process())
+  # The eval pieces of a member's run: held-out pairs, and fresh SFT pairs for gold agreement.
+  eval_run = build_run(ctx)
+  evaluator = eval_run.evaluate
+  ckpt_lib.save_export(cfg.workdir, stacked, model=model_cfg, stage="reward", tokenizer=meta["tokenizer"],
+                       chat_template=meta.get("chat_template", "markers"), extra=extra)
+  model, params, _ = load_reward_model(cfg.workdir, placement)
+  single_model, single_params = member_params(model, params, 0)
+  row = {f"eval/{k}": v for k, v in evaluate_with(evaluator, model, params).items()}
+  row.update({f"eval/single/{k}": v for k, v in evaluate_with(evaluator, single_model, single_params).items()})
+  row["eval/ensemble_size"] = float(len(exports))
+  writer.write(int(cfg.train.steps), row)
+  writer.close()
+  logging.info("reward ensemble of %d: %s", len(exports), row)
+
+
+def evaluate_with(evaluator: "RewardEval", model, params) -> dict[str, float]:
+  """The held-out evaluation of `evaluator` for another (model, params), e.g. an ensemble."""
+  other = RewardEval(evaluator.ctx, model, evaluator.eval_batches, evaluator.sft)
+  other._pairs = evaluator._pairs  # the same fresh SFT pairs for every model compared
+  out = other(_ParamsOnly(params))
+  evaluator._pairs = other._pairs
+  return out
+
+
+class _ParamsOnly:
+  def __init__(self, params):
+    self.params = params
+
+
 ALGORITHM = Algorithm(name="reward", records="preference", section="reward", hparams=("center_coef",),
                       upstream={"init": "sft"}, build=build_run, export=export, validate=validate,
-                      policy=False)
+                      policy=False, members_of=ensemble_members, combine=combine_ensemble)

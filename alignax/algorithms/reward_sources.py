@@ -81,8 +81,11 @@ def rewards_section(model: float = 1.0, functions: str = "") -> ConfigDict:
   model: weight of the reward-model export named by `reward_model.workdir` (0 = not used).
   functions: comma-separated `module:function[=weight]` Python reward functions, e.g.
     `alignax.tasks.world_gold:gold_reward` (the world's true reward: RL's upper bound).
+  ensemble, ensemble_coef: how a reward-model ensemble export (`reward.ensemble=K`) scores:
+    "mean", "mean_minus_std" (mean - coef * std), "mean_minus_var" (Coste et al.'s UWO) or
+    "min" (their WCO); a single reward model ignores them.
   """
-  return ConfigDict(dict(model=model, functions=functions))
+  return ConfigDict(dict(model=model, functions=functions, ensemble="mean", ensemble_coef=1.0))
 
 
 class HostRewards:
@@ -226,6 +229,12 @@ def needed_upstream(cfg) -> tuple[str, ...]:
 
 def validate_rewards(cfg) -> None:
   """Checks `rewards.*` before anything compiles (the functions must import)."""
+  from alignax.models.heads import ENSEMBLE_MODES
+  mode = cfg.rewards.get("ensemble", "mean")
+  if mode not in ENSEMBLE_MODES:
+    raise ConfigError(f"config.rewards.ensemble: must be one of {ENSEMBLE_MODES}, got {mode!r}")
+  if float(cfg.rewards.get("ensemble_coef", 1.0)) < 0:
+    raise ConfigError("config.rewards.ensemble_coef: must be >= 0")
   specs = [s for s in str(cfg.rewards.functions).split(",") if s.strip()]
   for s in specs:
     load_reward_function(s)

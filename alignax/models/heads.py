@@ -51,6 +51,53 @@ class ScalarHeadModel:
     return nnx.merge(self.graphdef, params)(tokens, positions, segment_ids)
 
 
+ENSEMBLE_MODES = ("mean", "mean_minus_std", "mean_minus_var", "min")
+
+
+def combine_members(values: Array, mode: str = "mean", coef: float | Array = 1.0) -> Array:
+  """Reward-model ensemble scores [K, ...] -> [...] (Coste et al. 2023, "Reward model ensembles
+  help mitigate overoptimization").
+
+  mode: "mean"; "mean_minus_std": mean - coef * std over members (population std, ddof 0);
+    "mean_minus_var": mean - coef * variance (the paper's uncertainty-weighted optimization,
+    UWO); "min": the worst member (the paper's worst-case optimization, WCO).
+  """
+  if mode == "mean":
+    return jnp.mean(values, axis=0)
+  if mode == "mean_minus_std":
+    return jnp.mean(values, axis=0) - coef * jnp.std(values, axis=0)
+  if mode == "mean_minus_var":
+    return jnp.mean(values, axis=0) - coef * jnp.var(values, axis=0)
+  if mode == "min":
+    return jnp.min(values, axis=0)
+  raise ValueError(f"ensemble mode must be one of {ENSEMBLE_MODES}, got {mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardEnsemble:
+  """K scalar models of one architecture as one reward model: params stacked [K, ...] on a
+  leading member axis, per-position values combined over members (`combine_members`).
+
+  Combining per position and then reading the last real token equals combining the K scores
+  (the position is the same for every member), so everything that scores with a scalar model
+  (`response_scores`, reward evaluation, PPO's reward) takes an ensemble unchanged.
+  """
+
+  member: ScalarHeadModel
+  size: int
+  mode: str = "mean"
+  coef: float = 1.0
+
+  @property
+  def config(self) -> ModelConfig:
+    return self.member.config
+
+  def values(self, params, tokens, positions, segment_ids) -> Array:
+    """Combined per-token scalars [B, T] float32 of the stacked `params`."""
+    per = jax.vmap(lambda p: self.member.values(p, tokens, positions, segment_ids))(params)
+    return combine_members(per, self.mode, self.coef)
+
+
 def last_token_index(segment_ids: Array) -> Array:
   """[B] index of the last non-padding position of each row (segment_ids != 0), for left or
   right padding; 0 for an all-padding row."""

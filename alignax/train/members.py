@@ -45,6 +45,7 @@ from alignax.train.runner import StageContext, StageResult, log_to_file
 from alignax.train.state import TrainState
 
 MEMBERS_FILE = "members.json"
+GROUP_DIR = "_group"  # a stage's own members (a reward ensemble) keep their stacked checkpoint here
 
 
 # ------------------------------------------------------------------------------------ stacking
