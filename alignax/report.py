@@ -132,7 +132,11 @@ def write_report(cfg, names, seconds: dict) -> dict:
   report = {
       "models": models,
       "reward_model": {"accuracy": rm.get("gold_accuracy", rm.get("accuracy")),
-                       "label_accuracy": rm.get("accuracy"), "gold_agreement": rm.get("gold_agreement")},
+                       "label_accuracy": rm.get("accuracy"), "gold_agreement": rm.get("gold_agreement"),
+                       # an ensemble (reward.ensemble=K) also logs one member's figures
+                       "ensemble": int(rm.get("ensemble_size", 1)),
+                       "single_accuracy": rm.get("single/gold_accuracy", rm.get("single/accuracy")),
+                       "single_gold_agreement": rm.get("single/gold_agreement")},
       "stages": {name: {"seconds": round(float(s), 1)} for name, s in seconds.items()},
       "total_seconds": round(float(sum(seconds.values())), 1),
       "showcase": {"prompts": list(SHOWCASE_PROMPTS), "answers": showcase},
@@ -171,7 +175,12 @@ def markdown(report: dict, plots: list[str]) -> str:
   lines += ["", "## Reward model", "",
             f"Held-out accuracy against the gold order: {_fmt(rm['accuracy'])} "
             f"(against the noisy labels: {_fmt(rm['label_accuracy'])}); agreement with the gold "
-            f"labeler on pairs of fresh SFT samples: {_fmt(rm['gold_agreement'])}.", "",
+            f"labeler on pairs of fresh SFT samples: {_fmt(rm['gold_agreement'])}."]
+  if rm.get("ensemble", 1) > 1:
+    lines += ["", f"An ensemble of {rm['ensemble']} reward models (its mean score); one member alone: "
+              f"accuracy against the gold order {_fmt(rm['single_accuracy'])}, gold agreement "
+              f"{_fmt(rm['single_gold_agreement'])}."]
+  lines += ["",
             "## The same prompts, answered by each model (greedy)", "",
             evaluation.sample_table(report["showcase"]["prompts"], report["showcase"]["answers"]), "",
             "## Time", "", "| stage | seconds |", "|---|---|"]

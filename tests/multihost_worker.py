@@ -106,6 +106,82 @@ def train_losses(mode: str, mesh: dict, rows: slice | None = None, devices=None)
   return losses, placement, state
 
 
+def member_losses(mesh: dict, rows: slice | None = None, members: int = 4):
+  """[[loss per step] per member] of `members` runs of the LM problem trained as one vmapped
+  program on a mesh with a members axis. Member i has its own key, learning-rate scale
+  (1 + i) / 2 and batches (the problem's rows rolled by i)."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+
+  from alignax import parallel
+  from alignax.train import members as members_lib
+  from alignax.train.state import TrainState
+  from alignax.train.step import make_train_step
+
+  model, params, optimizer, loss_fn, batches = problem()
+  cfg = ml_collections.ConfigDict(dict(mode="jit", mesh=mesh))
+  placement = members_lib.MemberPlacement(parallel.make_placement(cfg, model, B, with_members=True), members)
+  states = []
+  for i in range(members):
+    s = TrainState.create(params, optimizer, jax.random.key(i))
+    states.append(s.replace(hparams=dict(s.hparams, lr_scale=jnp.float32((1 + i) / 2))))
+  state = placement.put_state(jax.device_get(members_lib.stack(states)))
+  step = placement.jit_step(make_train_step(loss_fn, optimizer), state)
+  out = [[] for _ in range(members)]
+  for batch in batches:
+    stacked = {k: np.stack([np.roll(v, i, axis=0) for i in range(members)]) for k, v in batch.items()}
+    if rows is not None:
+      stacked = {k: v[:, rows] for k, v in stacked.items()}
+    state, metrics = step(state, placement.put_batch(stacked))
+    for i, loss in enumerate(np.asarray(jax.device_get(metrics["loss"]))):
+      out[i].append(float(loss))
+  return out
+
+
+def member_reference(members: int = 4):
+  """`member_losses` computed run by run on one device."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from alignax.train.state import TrainState
+  from alignax.train.step import make_train_step
+
+  model, params, optimizer, loss_fn, batches = problem()
+  step = jax.jit(make_train_step(loss_fn, optimizer))
+  out = []
+  for i in range(members):
+    s = TrainState.create(params, optimizer, jax.random.key(i))
+    s = s.replace(hparams=dict(s.hparams, lr_scale=jnp.float32((1 + i) / 2)))
+    losses = []
+    for batch in batches:
+      s, m = step(s, {k: np.roll(v, i, axis=0) for k, v in batch.items()})
+      losses.append(float(m["loss"]))
+    out.append(losses)
+  return out
+
+
+def main_members(args) -> None:
+  import jax
+  import ml_collections
+
+  from alignax import parallel
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  parallel.maybe_initialize_distributed(ml_collections.ConfigDict(dict(
+      coordinator=f"localhost:{args.port}", num_processes=args.num_processes,
+      process_id=args.process_id)))
+  n = B // jax.process_count()
+  rows = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+  losses = member_losses(dict(members=2, data=-1, fsdp=1, tensor=1), rows)
+  if jax.process_index() == 0:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(losses, f)
+  jax.distributed.shutdown()
+
+
 # ------------------------------------------------------------------------------ the RL problem
 
 RL_PROMPTS, RL_PROMPT_LEN, RL_NEW = 8, 16, 12
@@ -299,7 +375,7 @@ def main() -> None:
     i = argv.index("--")
     argv, config_argv = argv[:i], argv[i + 1:]
   parser = argparse.ArgumentParser()
-  parser.add_argument("command", choices=("steps", "reference", "rl"))
+  parser.add_argument("command", choices=("steps", "reference", "rl", "members"))
   parser.add_argument("--port", type=int)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--num_processes", type=int, default=1)
@@ -312,6 +388,8 @@ def main() -> None:
     main_steps(args)
   elif args.command == "rl":
     main_rl(args)
+  elif args.command == "members":
+    main_members(args)
   else:
     main_reference(args, config_argv)
 

@@ -95,6 +95,23 @@ def test_two_processes_run_rl_iterations_like_one_device(tmp_path):
         assert all(abs(a - b) <= 2e-4 * abs(b) + 2e-5 for a, b in zip(got, want)), (kind, name, rows, reference[kind])
 
 
+def test_two_processes_train_sweep_members_like_separate_runs(tmp_path):
+  """Four members (own keys, learning-rate scales and batches) on a members=2 x data=4 mesh over
+  two processes: each member's losses equal its own run on one device."""
+  from multihost_worker import member_reference
+  out = tmp_path / "members.json"
+  port = _free_port()
+  procs = [_start([sys.executable, WORKER, "members", f"--port={port}", f"--process_id={i}",
+                   "--num_processes=2", f"--out={out}"], tmp_path / f"members{i}.log", devices=4)
+           for i in range(2)]
+  reference = member_reference()
+  _wait_all(procs)
+  results = json.loads(out.read_text())
+  assert len(results) == 4 and len({tuple(r) for r in reference}) == 4
+  for got, want in zip(results, reference):
+    assert all(_rel(a, b) <= 1e-5 for a, b in zip(got, want)), (got, want)
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
