@@ -191,18 +191,42 @@ def _stage_cfg(stage, upstream, **overrides):
 
 
 @pytest.mark.slow
-def test_sft_members_are_exactly_their_separate_runs(upstream, tmp_path):
-  """A 2 x 2 grid (learning rate x seed) as one program, against the four separate runs."""
+def test_sft_members_are_exactly_their_separate_runs_after_a_sigkill(upstream, tmp_path):
+  """A 2 x 2 grid (learning rate x seed) as one program from the CLI, SIGKILLed after its step-4
+  checkpoint and resumed, against the four separate runs: every loss logged once, equal."""
+  import signal
+  import time
+
+  from cli_helpers import start_cli
+  # The separate runs skip the sampled evaluation (it draws no training randomness).
   cfg = _stage_cfg("sft", upstream)
   specs = ["optimizer.lr=0.001,0.003", "seed=0,1"]
-  runs, _, failed = run_vectorized_sweep(cfg, specs, str(tmp_path / "vec"), continue_on_error=False)
+  out = str(tmp_path / "vec")
+  flat = {**SMALL, "init.workdir": upstream["pretrain"], "train.steps": 20, "train.log_every": 1,
+          "train.eval_every": 5, "eval.num_prompts": 4, "checkpoint.every": 4}
+  args = ["sweep", "--config=configs/sft.py:tiny", f"--out={out}", "--vectorize",
+          *[f"--grid={s}" for s in specs], *[f"--config.{k}={v}" for k, v in flat.items()]]
+  proc = start_cli(*args, devices=1)
+  first = os.path.join(out, "optimizer.lr=0.001,seed=0")
+  t0 = time.time()
+  # Step 5's train row comes before its evaluation (four members sampling): kill during it.
+  committed = os.path.join(out, "_groups", "all", "checkpoints", "4")  # renamed into place when complete
+  while not (any(r.get("step", 0) >= 5 for r in metric_rows(first)) and os.path.isdir(committed)) \
+      and proc.poll() is None:
+    assert time.time() - t0 < 300, "the sweep did not reach step 5"
+    time.sleep(0.02)
+  proc.kill()
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+  run_cli(*args)
+  runs = json.load(open(os.path.join(out, "runs.json")))
   separate, _, _ = run_sweep(cfg, specs, str(tmp_path / "sep"), continue_on_error=False)
-  assert not failed and len(runs) == len(separate) == 4
+  assert len(runs) == len(separate) == 4
   with open(tmp_path / "vec" / "_groups" / "all" / "members.json") as f:
     assert json.load(f)["members"] == [r["name"] for r in runs]
   losses = []
   for run in runs:
-    vec = str(tmp_path / "vec" / run["name"])
+    vec = os.path.join(out, run["name"])
     losses.append(_assert_same_run(vec, str(tmp_path / "sep" / run["name"]), 1e-5))
     with open(os.path.join(vec, "config.json")) as f:
       saved = json.load(f)

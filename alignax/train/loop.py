@@ -91,11 +91,12 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
     The final state.
   """
   state = run.state
-  if checkpointer is not None:
-    restored = checkpointer.restore(state, run.batches)
-    if restored is not None:
-      state = restored
-      writer.truncate_after(_step_of(state))
+  restored = checkpointer.restore(state, run.batches) if checkpointer is not None else None
+  if restored is not None:
+    state = restored
+  # Rows written after the restored step (or, starting fresh, by an attempt killed before its
+  # first checkpoint) would be written again: drop them (counted in the log).
+  writer.truncate_after(_step_of(state) if restored is not None else -1)
   start = _step_of(state)
   step_fn = placement.jit_step(run.train_step, state)
   log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
