@@ -124,14 +124,21 @@ def test_a_group_that_would_not_fit_names_the_member_count_that_would(monkeypatc
       parallel.make_placement(ConfigDict(dict(mode="jit", mesh=ConfigDict(dict(members=1, data=1, fsdp=1,
                                                                                 tensor=1)))),
                               with_members=True), 4)
-  step, states, _ = _toy_problem(4)
-  stacked = members_lib.stack(states)
-  per_member = members_lib.tree_bytes(stacked) / 4 + members_lib.tree_bytes(states[0].params)
+  _, states, _ = _toy_problem(1)
+  state_bytes, params_bytes = members_lib.tree_bytes(states[0]), members_lib.tree_bytes(states[0].params)
+  per_member = state_bytes + params_bytes
   monkeypatch.setattr(members_lib, "available_bytes", lambda p: (int(per_member * 2.5), "test memory"))
   with pytest.raises(ConfigError, match="at most 2 members fit"):
-    members_lib.check_memory(stacked, placement, members_lib.tree_bytes(states[0].params))
+    members_lib.check_memory(placement, state_bytes, params_bytes)
   monkeypatch.setattr(members_lib, "available_bytes", lambda p: (int(per_member * 40), "test memory"))
-  assert "holds about 40" in members_lib.check_memory(stacked, placement, members_lib.tree_bytes(states[0].params))
+  assert "holds about 40" in members_lib.check_memory(placement, state_bytes, params_bytes)
+
+
+def test_members_that_differ_in_a_structural_key_are_refused():
+  a, b = _cfg("dpo", workdir="a"), _cfg("dpo", workdir="b", **{"dpo.beta": 0.3, "dpo.loss_type": "ipo"})
+  with pytest.raises(ConfigError, match="differs from member a in dpo.loss_type, which change the compiled"):
+    members_lib.check_differences([a, b], ["a", "b"], ["dpo.beta"])
+  members_lib.check_differences([a, _cfg("dpo", workdir="c", **{"dpo.beta": 0.3})], ["a", "c"], ["dpo.beta"])
 
 
 def test_a_single_run_refuses_a_members_axis():

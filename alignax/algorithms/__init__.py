@@ -40,7 +40,8 @@ def run_stage(cfg):
   from alignax.train import members as members_lib
   members = [members_lib.Member(name=n, cfg=c, model=model) for n, c in named]
   results = members_lib.run_members(members, os.path.join(cfg.workdir, "members", members_lib.GROUP_DIR),
-                                    record.build, record.export, validate=record.validate)
+                                    record.build, record.export, validate=record.validate,
+                                    vectorized=record.vectorized_keys())
   finished = all(r.finished for r in results)
   if finished:
     record.combine(cfg, [r.workdir for r in results])
@@ -68,4 +69,5 @@ def run_members(named_cfgs, group_dir: str):
                         f"reward.ensemble > 1) cannot be a member of a vectorized sweep; sweep it "
                         f"without --vectorize")
     members.append(members_lib.Member(name=name, cfg=cfg, model=model))
-  return members_lib.run_members(members, group_dir, record.build, record.export, validate=record.validate)
+  return members_lib.run_members(members, group_dir, record.build, record.export, validate=record.validate,
+                                 vectorized=record.vectorized_keys())

@@ -270,15 +270,16 @@ def available_bytes(placement) -> tuple[int, str]:
   return int(free), "free host memory"
 
 
-def check_memory(stacked, placement: MemberPlacement, params_bytes_per_member: int) -> str:
-  """One line on the stacked state's size; a ConfigError when the group would not fit.
+def check_memory(placement: MemberPlacement, state_bytes: int, params_bytes: int) -> str:
+  """One line on the group's size; a ConfigError when it would not fit.
 
-  The estimate is the state plus one gradient per member (activations come on top), over the
-  devices the member axis spreads it across.
+  Args:
+    state_bytes, params_bytes: one member's TrainState and params.
+  The estimate is the stacked state plus one gradient per member (activations come on top), over
+  the devices the member axis spreads it across.
   """
   m = placement.count
-  state_bytes = tree_bytes(stacked)
-  per_member = state_bytes / m + params_bytes_per_member
+  per_member = state_bytes + params_bytes
   spread = placement.mesh.shape[parallel.MEMBER_AXIS]
   need = per_member * m / spread
   free, where = available_bytes(placement)
@@ -319,9 +320,34 @@ def _check_members_file(group_dir: str, names: list[str], resume: bool) -> None:
     json.dump({"members": names}, f, indent=2)
 
 
+def check_differences(cfgs: Sequence[ConfigDict], names: Sequence[str], vectorized: Sequence[str]) -> None:
+  """Members may differ only in `vectorized` keys (and their workdirs): the compiled step is the
+  first member's, so any other difference would silently train every member like the first."""
+  from alignax.config import flatten
+  allowed = set(vectorized) | {"workdir"}
+
+  def values(cfg):
+    out = {}
+    for key in flatten(cfg):
+      node = cfg
+      for part in key.split("."):
+        node = node[part]
+      out[key] = node
+    return out
+  first = values(cfgs[0])
+  for cfg, name in zip(cfgs[1:], names[1:]):
+    other = values(cfg)
+    bad = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k) and k not in allowed)
+    if bad:
+      raise ConfigError(f"member {name} differs from member {names[0]} in {', '.join(bad)}, which "
+                        f"change the compiled step; members may differ only in {', '.join(sorted(allowed))}")
+
+
 def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[StageContext], Run],
-                export: Callable | None = None, validate: Callable | None = None) -> list[StageResult]:
-  """Trains `members` (configs of one stage differing only in vectorizable keys) as one program.
+                export: Callable | None = None, validate: Callable | None = None,
+                vectorized: Sequence[str] = ()) -> list[StageResult]:
+  """Trains `members` (configs of one stage differing only in the `vectorized` keys, see
+  `Algorithm.vectorized_keys`) as one program.
 
   Returns one StageResult per member (its own state slice and workdir).
   """
@@ -329,6 +355,7 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
     return []
   cfgs = [m.cfg for m in members]
   names = [m.name for m in members]
+  check_differences(cfgs, names, vectorized)
   template = cfgs[0]
   parallel.maybe_initialize_distributed(template.parallel.distributed)
   models = []
@@ -358,7 +385,7 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
                parallel.describe(inner.mesh))
 
   ctxs, runs = [], []
-  for m, model in zip(members, models):
+  for i, (m, model) in enumerate(zip(members, models)):
     if is_main:
       save_config(m.cfg, m.cfg.workdir)
     writer = metrics_lib.MetricsWriter(m.cfg.workdir, enabled=is_main)
@@ -366,21 +393,21 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
                        writer=writer, is_main=is_main)
     runs.append(build_run(ctx))
     ctxs.append(ctx)
+    if i == 0:  # the first member's size tells whether the group fits, before building the rest
+      line = check_memory(placement, tree_bytes(runs[0].state), tree_bytes(runs[0].state.params))
+      logging.info(line)
+      if is_main:
+        print(f"alignax: {line}", flush=True)
   check_structure([r.state for r in runs], names)
   states = []
   for r, scale in zip(runs, _lr_scales(cfgs)):
     hp = dict(r.state.hparams)
     hp["lr_scale"] = hp["lr_scale"] * jnp.float32(scale)
     states.append(r.state.replace(hparams=hp))
-  params_bytes = tree_bytes(runs[0].state.params)
   stacked = placement.put_state(jax.jit(lambda *s: stack(s))(*states))
   for r in runs:
     r.state = None  # the stacked copy is the only one kept
   del states
-  line = check_memory(stacked, placement, params_bytes)
-  logging.info(line)
-  if is_main:
-    print(f"alignax: {line}", flush=True)
 
   writer = MemberWriter([c.writer for c in ctxs])
   group_run = Run(name=f"{runs[0].name} x{len(runs)}", state=stacked, train_step=runs[0].train_step,
