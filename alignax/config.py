@@ -82,6 +82,11 @@ def base_config(stage: str, preset: str = "tiny") -> ConfigDict:
   c.parallel.mode = "jit"  # "jit" (named shardings on a mesh) or "pmap"
   # -1 fills the remaining devices; `members` splits a vectorized sweep's members (alignax sweep --vectorize)
   c.parallel.mesh = ConfigDict(dict(members=1, data=-1, fsdp=1, tensor=1))
+  # how a vectorized sweep's step runs its members: "vmap" (one batched program, for accelerators)
+  # or "map" (lax.map: one member after another inside the one program; on CPU, where a member's
+  # step already fills the cores, this keeps the single run's speed and still shares start-up,
+  # data set-up and compilation)
+  c.parallel.members_step = "vmap"
   c.parallel.distributed = ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
 
   c.checkpoint = ConfigDict()
@@ -143,6 +148,8 @@ def validate_common(cfg: ConfigDict) -> ModelConfig:
     size = cfg.parallel.mesh[axis]
     _check(size == -1 or size >= 1, f"parallel.mesh.{axis}", f"must be -1 or >= 1, got {size}")
   _check(cfg.parallel.mesh.get("members", 1) >= 1, "parallel.mesh.members", "must be >= 1")
+  if "members_step" in cfg.parallel:
+    _one_of(cfg, "parallel.members_step", ("vmap", "map"))
   _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
   _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   return model

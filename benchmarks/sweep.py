@@ -10,6 +10,8 @@ missing), each task's grid is trained, in one run of this script, every way `--m
               compilation paid per point)
   sweep       `alignax sweep`: the points one after another in one process
   vectorized  `alignax sweep --vectorize`: the points as members of one vmapped program
+  vectorized_map  the same with `parallel.members_step=map` (members one after another inside
+              the one program: no batching, shared start-up and compilation)
 
 Each mode is a fresh subprocess timed from outside (wall seconds include start-up, data set-up,
 compilation, training, evaluation and exports; JAX's persistent compilation cache is off, as by
@@ -93,6 +95,8 @@ def bench(task: str, mode: str) -> dict:
     cmds = [["sweep", *common, f"--out={work}", *specs]]
   elif mode == "vectorized":
     cmds = [["sweep", *common, f"--out={work}", *specs, "--vectorize"]]
+  elif mode == "vectorized_map":
+    cmds = [["sweep", *common, f"--out={work}", *specs, "--vectorize", "--config.parallel.members_step=map"]]
   else:
     raise SystemExit(f"--modes: unknown {mode!r}")
   print(f"{task} / {mode}: {len(points)} points x {_STEPS.value} steps ...", flush=True)

@@ -92,16 +92,17 @@ def _toy_problem(m):
   return step, states, batches
 
 
-def test_the_vmapped_step_on_a_members_mesh_is_each_runs_own_step():
-  """Four members over a members=4 x data=2 mesh of 8 devices: each member's state after three
-  steps equals its own run's, params are split over the members axis."""
-  mesh_cfg = ConfigDict(dict(members=4, data=-1, fsdp=1, tensor=1))
+@pytest.mark.parametrize("batching,members_axis", [("vmap", 4), ("map", 1)])
+def test_the_member_step_is_each_runs_own_step(batching, members_axis):
+  """Four members (vmapped over a members=4 x data=2 mesh of 8 devices, or lax.map'd): each
+  member's state after three steps equals its own run's; params split over the members axis."""
+  mesh_cfg = ConfigDict(dict(members=members_axis, data=-1, fsdp=1, tensor=1))
   inner = parallel.make_placement(ConfigDict(dict(mode="jit", mesh=mesh_cfg)), with_members=True)
-  assert dict(inner.mesh.shape) == {"members": 4, "data": 2, "fsdp": 1, "tensor": 1}
-  placement = members_lib.MemberPlacement(inner, 4)
+  assert dict(inner.mesh.shape) == {"members": members_axis, "data": 8 // members_axis, "fsdp": 1, "tensor": 1}
+  placement = members_lib.MemberPlacement(inner, 4, batching)
   step, states, batches = _toy_problem(4)
   stacked = placement.put_state(members_lib.stack(states))
-  assert stacked.params["w"].sharding.spec[0] == "members"
+  assert stacked.params["w"].sharding.spec[0] == ("members" if members_axis > 1 else None)
   assert stacked.step.sharding.spec == jax.sharding.PartitionSpec(None)  # scalars stay replicated
   vstep = placement.jit_step(step, stacked)
   alone = jax.jit(step)
@@ -316,7 +317,7 @@ def test_a_reward_ensemble_trains_as_members_and_ppo_scores_with_it(upstream, tm
   workdir = str(tmp_path / "reward")
   cfg = _cfg("reward", **SMALL, workdir=workdir, **{"init.workdir": upstream["sft"], "train.steps": 10,
                                                     "reward.ensemble": 3, "eval.num_prompts": 8,
-                                                    "reward.normalize_prompts": 8})
+                                                    "reward.normalize_prompts": 4})
   assert run_stage(cfg).finished
   model, params, meta = load_reward_model(workdir, mode="mean_minus_std")
   assert isinstance(model, RewardEnsemble) and model.size == 3 and meta["extra"]["members"] == [
@@ -334,7 +335,31 @@ def test_a_reward_ensemble_trains_as_members_and_ppo_scores_with_it(upstream, tm
   assert row["eval/single/accuracy"] == pytest.approx(member0["eval/accuracy"])
   ppo = _stage_cfg("ppo", upstream, workdir=str(tmp_path / "ppo"), **{
       "reward_model.workdir": workdir, "rewards.ensemble": "mean_minus_std", "train.steps": 2,
-      "ppo.max_new_tokens": 16, "ppo.epochs": 1, "ppo.num_minibatches": 1})
+      "ppo.max_new_tokens": 8, "ppo.epochs": 1, "ppo.num_minibatches": 1})
   assert run_stage(ppo).finished
   rows = [r for r in metric_rows(ppo.workdir) if "train/score_model" in r]
   assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) and r["train/applied"] == 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_group_rl_members_are_their_own_iterations(kind):
+  """GRPO and RLOO iterations (grouped sampling, the reward model, the update) of two members with
+  their own keys and KL coefficients, vmapped, against each member's own iteration."""
+  from multihost_worker import rl_problem
+  model, state, step, batch = rl_problem(kind)
+  members = [state.replace(rng=jax.random.key(i), extra=state.extra.replace(kl_coef=jnp.float32(c)))
+             for i, c in enumerate((0.05, 0.3))]
+  placement = members_lib.MemberPlacement(parallel.make_placement(
+      ConfigDict(dict(mode="jit", mesh=ConfigDict(dict(members=2, data=1, fsdp=1, tensor=1)))), model,
+      with_members=True), 2)
+  stacked = placement.put_state(members_lib.stack(members))
+  vstep, alone = placement.jit_step(step, stacked), jax.jit(step)
+  host = jax.tree.map(lambda x: np.stack([x, x]), batch)
+  for _ in range(2):
+    stacked, got = vstep(stacked, placement.put_batch(host))
+    outs = [alone(m, batch) for m in members]
+    members = [o[0] for o in outs]
+    for i, (_, want) in enumerate(outs):
+      for name in ("loss", "score", "kl", "grad_norm", "kl_coef"):
+        np.testing.assert_allclose(np.asarray(got[name])[i], want[name], rtol=1e-4, atol=1e-6)
+  assert np.asarray(got["kl_coef"]).tolist() == pytest.approx([0.05, 0.3])

@@ -90,6 +90,7 @@ class MemberPlacement:
 
   inner: parallel.Placement
   count: int
+  batching: str = "vmap"  # or "map": lax.map over members (see config `parallel.members_step`)
   mode = "jit"
 
   @property
@@ -132,12 +133,19 @@ class MemberPlacement:
     return self.inner.replicated()
 
   def jit_step(self, step_fn: Callable, state) -> Callable:
-    """`jax.vmap(step_fn)` over the member axis, jitted with the stacked shardings, state donated.
+    """`jax.vmap(step_fn)` (or `lax.map`) over the member axis, jitted with the stacked shardings,
+    state donated.
 
     `spmd_axis_name` makes the model's sharding constraints keep the member axis split."""
     if getattr(step_fn, "axis_name", None) is not None:
       raise parallel.ParallelError("members need parallel.mode='jit' (a pmap step cannot be vmapped)")
-    vmapped = jax.vmap(step_fn, spmd_axis_name=parallel.MEMBER_AXIS)
+    if self.batching == "map":
+      if self.split:
+        raise parallel.ParallelError("parallel.members_step='map' runs members one after another: "
+                                     "use it with parallel.mesh.members=1")
+      vmapped = lambda s, b: jax.lax.map(lambda sb: step_fn(*sb), (s, b))
+    else:
+      vmapped = jax.vmap(step_fn, spmd_axis_name=parallel.MEMBER_AXIS)
     state_sh = self.state_sharding(state)
     return jax.jit(parallel.with_mesh(vmapped, self.mesh), in_shardings=(state_sh, self.batch_sharding()),
                    out_shardings=(state_sh, self.replicated()), donate_argnums=0)
@@ -375,7 +383,7 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
                         f"the tokenizer's vocabulary")
   inner = parallel.make_placement(template.parallel, models[0], int(template.train.batch_size),
                                   with_members=True)
-  placement = MemberPlacement(inner, len(members))
+  placement = MemberPlacement(inner, len(members), str(template.parallel.get("members_step", "vmap")))
   placement.split  # noqa: B018 - raises when the members axis does not divide the group
   is_main = parallel.is_main_process()
   if is_main:
