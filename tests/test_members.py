@@ -211,13 +211,14 @@ def test_sft_members_are_exactly_their_separate_runs_after_a_sigkill(upstream, t
   specs = ["optimizer.lr=0.001,0.003", "seed=0,1"]
   out = str(tmp_path / "vec")
   flat = {**SMALL, "init.workdir": upstream["pretrain"], "train.steps": 20, "train.log_every": 1,
-          "train.eval_every": 5, "eval.num_prompts": 4, "checkpoint.every": 4}
+          "train.eval_every": 10, "eval.num_prompts": 4, "checkpoint.every": 4}
   args = ["sweep", "--config=configs/sft.py:tiny", f"--out={out}", "--vectorize",
           *[f"--grid={s}" for s in specs], *[f"--config.{k}={v}" for k, v in flat.items()]]
   proc = start_cli(*args, devices=1)
   first = os.path.join(out, "optimizer.lr=0.001,seed=0")
   t0 = time.time()
-  # Step 5's train row comes before its evaluation (four members sampling): kill during it.
+  # Kill between the step-4 checkpoint and the end (step 10's evaluation, four members sampling,
+  # holds the run there for seconds).
   committed = os.path.join(out, "_groups", "all", "checkpoints", "4")  # renamed into place when complete
   while not (any(r.get("step", 0) >= 5 for r in metric_rows(first)) and os.path.isdir(committed)) \
       and proc.poll() is None:
