@@ -264,12 +264,15 @@ def make_plots(workdir: str, report: dict) -> list[str]:
 
 def eval_main(flags) -> dict:
   """`alignax eval --workdir=DIR [--reference=DIR]`: world metrics of one run, printed as JSON
-  and written to WORKDIR/eval.json."""
+  and written to WORKDIR/eval.json; either run may be one without an export yet (its latest
+  checkpoint is used, see `alignax.generation.cli.run_params`)."""
   from alignax.algorithms.world_eval import eval_prompt_records
   from alignax.config import base_config, read_config
   from alignax.data.sources import resolve_tokenizer
-  from alignax.generation.cli import RAW_STAGES, chat_template_of, load_policy
-  lm, params, stage, tokenizer_spec = load_policy(flags.workdir)
+  from alignax.generation.cli import RAW_STAGES, chat_template_of, load_policy_and_source
+  # A run without an export yet is evaluated at its latest checkpoint; `source` in the output
+  # says which, so an eval.json of a run in progress is never taken for the finished model's.
+  lm, params, stage, tokenizer_spec, source = load_policy_and_source(flags.workdir)
   try:
     cfg = read_config(flags.workdir)
   except Exception:  # imported runs have no config.json: evaluate on the default world
@@ -293,10 +296,11 @@ def eval_main(flags) -> dict:
                                       template=chat_template_of(flags.workdir))
   metrics = evaluation.world_metrics(records, samples)
   if flags.reference:
-    ref_lm, ref_params, _, _ = load_policy(flags.reference)
+    ref_lm, ref_params, _, _, ref_source = load_policy_and_source(flags.reference)
     metrics["kl_to_reference"] = evaluation.sequence_kl(
         samples, evaluation.reference_logprobs(ref_lm, ref_params, samples))
-  metrics.update(stage=stage, num_prompts=len(records), format=fmt)
+    metrics["reference_source"] = ref_source
+  metrics.update(stage=stage, source=source, num_prompts=len(records), format=fmt)
   print(json.dumps(metrics, indent=2))
   with open(os.path.join(flags.workdir, "eval.json"), "w", encoding="utf-8") as f:
     json.dump(metrics, f, indent=2)

@@ -103,3 +103,100 @@ def test_bad_pairs_are_rejected_with_file_and_line_or_skipped_and_counted(tmp_pa
   run_cli(*args, "--config.data.bad_records=skip", f"--config.workdir={tmp_path / 'skip'}")
   rows = [r for r in metric_rows(str(tmp_path / "skip")) if any(k.startswith("data/skipped/") for k in r)]
   assert rows and sum(v for k, v in rows[-1].items() if k.startswith("data/skipped/")) >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The precomputed-reference cache: reused only for the same reference, model, tokenizer,
+# pipeline and data.
+
+COMMON = dict(batch_size=4, seq_len=48, bad_records="error", chat_template="markers")
+
+
+def _cache_ctx(model, ref_workdir):
+  """What `precompute_reference` and `reference_cache_key` read of a StageContext."""
+  import types
+
+  from alignax import parallel
+  from alignax.config import ConfigDict
+  mesh = ConfigDict(dict(members=1, data=1, fsdp=1, tensor=1))
+  return types.SimpleNamespace(
+      cfg=ConfigDict(dict(init=dict(workdir=ref_workdir), tokenizer="bytes")), model=model,
+      placement=parallel.make_placement(ConfigDict(dict(mode="jit", mesh=mesh))),
+      tokenizer=ByteTokenizer(), is_main=True)
+
+
+def test_reference_cache_is_reused_only_for_the_reference_it_was_computed_with(tmp_path, tiny_llama,
+                                                                               caplog):
+  import logging
+
+  from alignax import checkpoint as ckpt_lib
+  ref_dir, path = str(tmp_path / "sft"), str(tmp_path / "reference_logps.npz")
+  lm, params_a = build_lm(tiny_llama, seed=0)
+  _, params_b = build_lm(tiny_llama, seed=1)
+  ctx = _cache_ctx(tiny_llama, ref_dir)
+
+  def export(params):
+    ckpt_lib.save_export(ref_dir, params, model=tiny_llama, stage="sft", tokenizer="bytes")
+    return dpo.reference_cache_key(ctx, RECORDS, COMMON)
+
+  def precompute(params, key):
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      return dpo.precompute_reference(ctx, lm, params, RECORDS, COMMON, path, key)
+
+  key_a = export(params_a)
+  chosen_a, rejected_a = precompute(params_a, key_a)
+  assert np.all(np.isfinite(chosen_a)) and np.all(np.isfinite(rejected_a))
+
+  # Nothing changed: the cache is used, not recomputed (params_b would give other values).
+  assert dpo.reference_cache_key(ctx, RECORDS, COMMON) == key_a
+  chosen, rejected = precompute(params_b, key_a)
+  np.testing.assert_array_equal(chosen, chosen_a)
+  np.testing.assert_array_equal(rejected, rejected_a)
+  assert "using cached reference logprobs" in caplog.text
+
+  # Another SFT model exported into the same workdir: recomputed, and the values are its own.
+  key_b = export(params_b)
+  assert {k for k in key_a if key_a[k] != key_b[k]} == {"reference"}
+  chosen_b, _ = precompute(params_b, key_b)
+  assert "was computed for a different reference" in caplog.text
+  assert not np.allclose(chosen_b, chosen_a)
+  everything = next(pipeline.preference_pipeline(RECORDS, ByteTokenizer(), batch_size=12, seq_len=48,
+                                                 shuffle=False))
+  expected = np.zeros(len(RECORDS), np.float32)
+  expected[np.asarray(everything["index"])] = np.asarray(dpo.pair_logps(lm, params_b, everything)[0])
+  np.testing.assert_allclose(chosen_b, expected, rtol=1e-5)
+
+  # A cache written before keys existed (keyed on the record count only) is not trusted.
+  np.savez(path, chosen=chosen_a, rejected=rejected_a, num_records=len(RECORDS))
+  chosen, _ = precompute(params_b, key_b)
+  assert "has no cache key" in caplog.text
+  np.testing.assert_array_equal(chosen, chosen_b)
+
+
+def test_reference_cache_key_covers_data_tokenizer_and_pipeline(tmp_path, tiny_llama):
+  import dataclasses
+
+  from alignax import checkpoint as ckpt_lib
+  ref_dir = str(tmp_path / "sft")
+  _, params = build_lm(tiny_llama, seed=0)
+  ckpt_lib.save_export(ref_dir, params, model=tiny_llama, stage="sft", tokenizer="bytes")
+  ctx = _cache_ctx(tiny_llama, ref_dir)
+  key = dpo.reference_cache_key(ctx, RECORDS, COMMON)
+
+  def changed(**kw):
+    other = dpo.reference_cache_key(kw.get("ctx", ctx), kw.get("records", RECORDS), kw.get("common", COMMON))
+    return {k for k in key if key[k] != other[k]}
+
+  edited = [dict(r) for r in RECORDS]
+  edited[3]["chosen"] = "Another polite answer."
+  assert changed(records=edited) == {"data"}
+  assert changed(records=RECORDS[:-1]) == {"data", "num_records"}
+  assert changed(common=dict(COMMON, seq_len=64)) == {"pipeline"}
+  assert changed(common=dict(COMMON, chat_template="plain")) == {"pipeline"}
+  assert changed(common=dict(COMMON, batch_size=8)) == set()  # rows are independent
+  bf16 = _cache_ctx(dataclasses.replace(tiny_llama, dtype="bfloat16"), ref_dir)
+  assert changed(ctx=bf16) == {"model"}
+  other_tok = _cache_ctx(tiny_llama, ref_dir)
+  other_tok.cfg.tokenizer = "byte"
+  assert changed(ctx=other_tok) == {"tokenizer"}

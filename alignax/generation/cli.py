@@ -1,17 +1,18 @@
 """`alignax sample --workdir=DIR --prompt="..."`: completions from any stage's run directory.
 
-Loads the run's export when it finished, else its latest checkpoint (a run in progress). The
-LM comes from: pretrain / SFT / DPO / imported params; PPO's policy; a reward model's backbone
-(whose LM head is the SFT one it started from). Prompts use the chat template, except for
-pretraining and imported runs, which read plain text (`--format` overrides).
+Loads the run's export when it finished, else its latest checkpoint (a run in progress, or one
+stopped before its last step; a line on stderr says which step). The LM comes from: pretrain /
+SFT / DPO / imported params; PPO's policy; a reward model's backbone (whose LM head is the SFT
+one it started from). Prompts use the chat template, except for pretraining and imported runs,
+which read plain text (`--format` overrides).
 """
 
 from __future__ import annotations
 
-import os
+import sys
 
 import jax
-import orbax.checkpoint as ckpt_lib_orbax
+import numpy as np
 from flax import nnx
 
 from alignax import checkpoint as ckpt_lib
@@ -31,33 +32,73 @@ def chat_template_of(workdir: str) -> str:
     return "markers"
 
 
-def load_policy(workdir: str):
-  """(LanguageModel, params, stage, tokenizer spec) of a run directory, export first."""
+def no_model_error(workdir: str) -> ckpt_lib.CheckpointError:
+  return ckpt_lib.CheckpointError(
+      f"{workdir} has neither an export nor a checkpoint: train it first (alignax train "
+      f"--config=... --config.workdir={workdir}); a run writes a checkpoint every "
+      "checkpoint.every steps and when it stops, and its export when it finishes")
+
+
+def run_params(workdir: str):
+  """(params as a nested dict, stage, tokenizer spec, ModelConfig, source) of a run directory:
+  its export (source "export"), else its latest checkpoint (source "checkpoint step N": a run in
+  progress or stopped early; the model and tokenizer then come from its config.json), which a
+  line on stderr says."""
+  from alignax.checkpoint_params import checkpoint_steps, load_latest_params
+  from alignax.models.config import ModelConfig
   if ckpt_lib.has_export(workdir):
     meta = ckpt_lib.read_export_meta(workdir)
     params, _ = ckpt_lib.load_export(workdir)
-    stage, tokenizer = meta["stage"], meta["tokenizer"]
-    model_cfg = ckpt_lib.export_model_config(workdir)
-  else:
-    cfg = read_config(workdir)
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    manager = ckpt_lib_orbax.CheckpointManager(directory, item_names=("state", "data", "config", "meta"))
-    step = manager.latest_step()
-    if step is None:
-      raise ckpt_lib.CheckpointError(f"{workdir} has neither an export nor a checkpoint to sample from")
-    params = manager.restore(step, args=ckpt_lib_orbax.args.Composite(
-        state=ckpt_lib_orbax.args.StandardRestore())).state["params"]
-    manager.close()
-    stage, tokenizer = cfg.stage, cfg.tokenizer
-    from alignax.models.config import ModelConfig
-    model_cfg = ModelConfig.from_mapping(cfg.model.to_dict())
+    return params, meta["stage"], meta["tokenizer"], ckpt_lib.export_model_config(workdir), "export"
+  if not checkpoint_steps(workdir):
+    raise no_model_error(workdir)
+  cfg = read_config(workdir)
+  params, step = load_latest_params(workdir)
+  print(f"alignax: {workdir} has no export yet: using its checkpoint at step {step}",
+        file=sys.stderr, flush=True)
+  model_cfg = ModelConfig.from_mapping(cfg.model.to_dict())
+  return params, cfg.stage, cfg.tokenizer, model_cfg, f"checkpoint step {step}"
+
+
+def lm_params(params: dict) -> dict:
+  """The LM inside a run's params: PPO's policy; a reward model's backbone, whose LM head comes
+  from the SFT model it started from (reward training never reads it). An ensemble of reward
+  models holds K stacked backbones and is refused by the shape check of `load_policy`."""
   if "policy" in params:
     params = params["policy"]
   if "backbone" in params:
     params = params["backbone"]
+  return params
+
+
+def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{"blocks/attn/wq": shape} of a nested dict of arrays (path parts as strings, so an integer
+  key and its string form name the same leaf)."""
+  def name(path):
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_policy(workdir: str):
+  """(LanguageModel, params, stage, tokenizer spec) of a run directory, export first."""
+  return load_policy_and_source(workdir)[:4]
+
+
+def load_policy_and_source(workdir: str):
+  """`load_policy` and where the params came from ("export" or "checkpoint step N")."""
+  params, stage, tokenizer, model_cfg, source = run_params(workdir)
+  params = lm_params(params)
   lm, abstract = abstract_lm(model_cfg)
+  expected, got = leaf_shapes(nnx.to_pure_dict(abstract)), leaf_shapes(params)
+  if expected != got:
+    bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+    raise ckpt_lib.CheckpointError(
+        f"the {stage} params of {workdir} do not fit its model config: {bad[0]} is "
+        f"{got.get(bad[0], 'missing')}, the model needs {expected.get(bad[0], 'nothing there')}"
+        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        + ("; a reward ensemble cannot be sampled as one LM" if stage == "reward" else ""))
   nnx.replace_by_pure_dict(abstract, params)
-  return lm, abstract, stage, tokenizer
+  return lm, abstract, stage, tokenizer, source
 
 
 def sample_main(flags) -> None:
