@@ -15,6 +15,8 @@ before absl parses them, so a mistyped key fails with one line naming it (and cl
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Callable
 
@@ -76,8 +78,31 @@ def user_errors() -> tuple[type[Exception], ...]:
   from alignax.algorithms.reward_sources import RewardFunctionError
   from alignax.studio.models import StudioError
   from alignax.train.loop import HaltError
+  from alignax.train.workdir_lock import WorkdirLockedError
   return (ConfigError, DataError, ParallelError, CheckpointError, HaltError, RewardFunctionError,
-          StudioError)
+          StudioError, WorkdirLockedError)
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+  """The OSError behind `e` (itself, or its chain of causes: orbax and grain wrap them)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno is not None:
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def describe_os_error(e: OSError) -> str:
+  """One line naming the path and the cause (a full disk, a read-only or missing directory)."""
+  path = e.filename or "a file"
+  hint = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+          errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+          errno.EPERM: "operation not permitted", errno.ENOTDIR: "a path component is not a directory",
+          errno.EISDIR: "it is a directory"}.get(e.errno, e.strerror or "")
+  return (f"cannot use {path}: {hint} ([Errno {e.errno}] {e.strerror}); checkpoints written "
+          "before this point are intact")
 
 
 def _guarded(main: Callable) -> Callable:
@@ -86,6 +111,11 @@ def _guarded(main: Callable) -> Callable:
       return main(*args)
     except user_errors() as e:
       _die(str(e), code=1)
+    except Exception as e:  # an I/O fault: one line with the path and cause, not 800 lines of trace
+      cause = os_error_in(e)
+      if cause is None or os.environ.get("ALIGNAX_TRACEBACK"):
+        raise
+      _die(describe_os_error(cause) + " (ALIGNAX_TRACEBACK=1 shows the traceback)", code=1)
   return run
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 from typing import Any, Iterable
 
@@ -75,7 +76,13 @@ def base_config(stage: str, preset: str = "tiny") -> ConfigDict:
   c.train.eval_every = 100  # 0 = only at the end
   c.train.eval_batches = 8
   c.train.nonfinite = "skip"  # "skip" (count and go on) or "halt" (stop, keep the last good state)
+  # under "skip": stop once more steps than this were non-finite (a count >= 1, or a fraction < 1
+  # of train.steps), so a run that keeps failing ends with a message instead of a useless export
+  c.train.max_nonfinite = 0.1
   c.train.resume = True
+  # a resumed run whose config changed in a key that alters the data order, the model or the
+  # numbers: "refuse" (listing the keys) or "allow" (logged)
+  c.train.resume_changed = "refuse"
   c.train.progress = True
 
   c.parallel = ConfigDict()
@@ -107,6 +114,14 @@ def _one_of(cfg: ConfigDict, key: str, choices: Iterable[str]) -> None:
   _check(value in choices, key, f"must be one of {choices}, got {value!r}")
 
 
+def _finite_number(cfg: ConfigDict, key: str) -> float:
+  value = _get(cfg, key)
+  _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+         f"must be a number, got {value!r}")
+  _check(math.isfinite(value), key, f"must be finite, got {value}")
+  return float(value)
+
+
 def _get(cfg: ConfigDict, key: str) -> Any:
   node = cfg
   for part in key.split("."):
@@ -131,10 +146,7 @@ def validate_common(cfg: ConfigDict) -> ModelConfig:
   _one_of(cfg, "data.loader", ("tfds", "memory"))
   _one_of(cfg, "data.chat_template", ("markers", "plain"))
   _one_of(cfg, "optimizer.schedule", ("cosine", "linear", "constant"))
-  _check(cfg.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {cfg.optimizer.lr}")
-  _check(0 <= cfg.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
-  _check(cfg.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
-  _check(cfg.optimizer.clip_norm >= 0, "optimizer.clip_norm", "must be >= 0 (0 = off)")
+  validate_optimizer(cfg)
   _check(cfg.train.steps > 0, "train.steps", f"must be positive, got {cfg.train.steps}")
   _check(cfg.train.batch_size > 0, "train.batch_size", "must be positive")
   _check(cfg.train.accum_steps > 0, "train.accum_steps", "must be positive")
@@ -143,6 +155,17 @@ def validate_common(cfg: ConfigDict) -> ModelConfig:
   _check(cfg.train.log_every > 0, "train.log_every", "must be positive")
   _check(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
   _one_of(cfg, "train.nonfinite", ("skip", "halt"))
+  if "max_nonfinite" in cfg.train:
+    limit = _finite_number(cfg, "train.max_nonfinite")
+    _check(limit > 0 and (limit < 1 or limit == int(limit)), "train.max_nonfinite",
+           f"must be a fraction in (0, 1) of train.steps or a whole count >= 1, got {limit}")
+  if "resume_changed" in cfg.train:
+    _one_of(cfg, "train.resume_changed", ("refuse", "allow"))
+  if "eval" in cfg:
+    for key in ("num_prompts", "max_new_tokens", "batch_size"):
+      if key in cfg.eval:
+        _check(int(cfg.eval[key]) >= (0 if key == "num_prompts" else 1), f"eval.{key}",
+               f"must be >= {0 if key == 'num_prompts' else 1}, got {cfg.eval[key]}")
   _one_of(cfg, "parallel.mode", ("jit", "pmap"))
   for axis in ("data", "fsdp", "tensor"):
     size = cfg.parallel.mesh[axis]
@@ -153,6 +176,25 @@ def validate_common(cfg: ConfigDict) -> ModelConfig:
   _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
   _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   return model
+
+
+def validate_optimizer(cfg: ConfigDict) -> None:
+  """`optimizer.*` values AdamW can use: finite, and in range (an infinite lr or eps=0 gives
+  non-finite updates from finite gradients)."""
+  lr = _finite_number(cfg, "optimizer.lr")
+  _check(lr > 0, "optimizer.lr", f"must be positive, got {lr}")
+  for key in ("b1", "b2"):
+    value = _finite_number(cfg, f"optimizer.{key}")
+    _check(0 <= value < 1, f"optimizer.{key}", f"must be in [0, 1), got {value}")
+  eps = _finite_number(cfg, "optimizer.eps")
+  _check(eps > 0, "optimizer.eps", f"must be positive (it keeps Adam's division finite), got {eps}")
+  wd = _finite_number(cfg, "optimizer.weight_decay")
+  _check(wd >= 0, "optimizer.weight_decay", f"must be >= 0, got {wd}")
+  clip = _finite_number(cfg, "optimizer.clip_norm")
+  _check(clip >= 0, "optimizer.clip_norm", f"must be >= 0 (0 = off), got {clip}")
+  _check(0 <= _finite_number(cfg, "optimizer.min_lr_ratio") <= 1, "optimizer.min_lr_ratio",
+         "must be in [0, 1]")
+  _check(cfg.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
 
 
 def load_config_file(path: str, preset: str | None = None) -> ConfigDict:

@@ -26,13 +26,23 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
+    self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._want_tb = enabled and tensorboard
     self._tb = None
+    self._purge_step: int | None = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
+
+  @property
+  def tensorboard(self):
+    """The TensorBoard writer, opened at the first use. After `truncate_after(step)` it is opened
+    with `purge_step=step + 1`, so TensorBoard hides the events an earlier attempt wrote after
+    that step, as metrics.jsonl drops its rows."""
+    if self._tb is None and self._want_tb:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir=self.workdir, flush_secs=10, purge_step=self._purge_step)
+    return self._tb
 
   def write(self, step: int, metrics: Mapping[str, object]) -> dict:
     """Writes scalar metrics for `step`; non-scalars are dropped. Returns what was written."""
@@ -44,22 +54,26 @@ class MetricsWriter:
     if self.enabled:
       with open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-      if self._tb is not None:
+      tb = self.tensorboard
+      if tb is not None:
         for name, v in row.items():
           if name not in ("step", "time") and isinstance(v, float):
-            self._tb.add_scalar(name, v, int(step))
+            tb.add_scalar(name, v, int(step))
     return row
 
   def write_text(self, step: int, name: str, text: str) -> None:
     """A text panel in TensorBoard (e.g. a table of samples)."""
-    if self.enabled and self._tb is not None:
-      self._tb.add_text(name, text, int(step))
+    if self.enabled and self.tensorboard is not None:
+      self.tensorboard.add_text(name, text, int(step))
 
   def truncate_after(self, step: int) -> int:
     """Drops rows with step > `step` (written after the checkpoint a resumed run starts from).
 
     Returns how many rows were dropped; the count is logged, so nothing disappears silently.
+    Call it before the first `write`: TensorBoard's purge is set when its writer opens.
     """
+    if self._tb is None and self._purge_step is None:
+      self._purge_step = step + 1
     if not self.enabled or not os.path.exists(self.path):
       return 0
     with open(self.path, encoding="utf-8") as f:

@@ -19,7 +19,7 @@ from absl import logging
 
 from alignax import checkpoint as ckpt_lib
 from alignax.algorithms import registry
-from alignax.config import ConfigDict, ConfigError, save_config
+from alignax.config import ConfigDict, ConfigError, save_config, validate_common
 
 SHARED = ("seed", "tokenizer")
 
@@ -80,6 +80,15 @@ def run_pipeline(cfg) -> dict | None:
   from alignax.algorithms import run_stage
   from alignax.report import write_report
   names = stage_names(cfg)
+  for name in names:  # every stage's config is checked before the first one runs
+    record = registry.get(name)
+    scfg = stage_config(cfg, name)
+    try:
+      validate_common(scfg)
+      if record.validate is not None:
+        record.validate(scfg)
+    except ConfigError as e:
+      raise ConfigError(f"stage {name}: {e}") from None
   save_config(cfg, cfg.workdir)
   clock = StageClock(cfg.workdir)
   ran = False

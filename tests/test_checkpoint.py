@@ -111,8 +111,8 @@ def test_halt_policy_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                  "--config.optimizer.warmup_steps=0", "--config.optimizer.schedule=constant",
                  "--config.train.nonfinite=halt", f"--config.workdir={workdir}", check=False)
   assert proc.returncode == 1
-  assert "non-finite loss or gradient at step" in proc.stderr
-  bad = int(proc.stderr.split("non-finite loss or gradient at step")[1].split()[0])
+  assert "non-finite loss, gradient or update at step" in proc.stderr
+  bad = int(proc.stderr.split("non-finite loss, gradient or update at step")[1].split()[0])
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                   item_names=("state", "data", "config", "meta"))
   latest = manager.latest_step()

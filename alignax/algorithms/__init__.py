@@ -12,18 +12,40 @@ def _prepare(cfg):
   export's model and tokenizer."""
   from alignax.algorithms import registry
   from alignax.algorithms.common import adopt_export, ensure_export
-  from alignax.config import validate_common
   record = registry.get(cfg.stage)
-  # Bad keys fail before any upstream stage is run for this one.
-  validate_common(cfg)
-  if record.validate is not None:
-    record.validate(cfg)
+  # Bad keys, here or in an upstream stage that would run first, fail before any stage runs.
+  validate_chain(cfg)
   for field in record.needed_upstream(cfg):
     ensure_export(cfg[field])
   model = None
   if "init" in record.upstream:
     model = adopt_export(cfg, cfg.init.workdir, chat_stages=registry.chat_stages())
   return record, model
+
+
+def validate_chain(cfg, _chain: tuple[str, ...] = ()) -> None:
+  """Validates `cfg` and the config of every upstream stage that would be run first (its export
+  missing, `init.run_if_missing` set), recursively; a ConfigError names the upstream config."""
+  from alignax import checkpoint as ckpt_lib
+  from alignax.algorithms import registry
+  from alignax.algorithms.common import upstream_config
+  from alignax.config import ConfigError, validate_common
+  record = registry.get(cfg.stage)
+  try:
+    validate_common(cfg)
+    if record.validate is not None:
+      record.validate(cfg)
+  except ConfigError as e:
+    if not _chain:
+      raise
+    raise ConfigError(f"{' -> '.join(_chain)} (run first into {cfg.workdir}): {e}") from None
+  for field in record.needed_upstream(cfg):
+    init = cfg[field]
+    if ckpt_lib.has_export(init.workdir) or not init.run_if_missing or not init.config:
+      continue
+    if len(_chain) > 8:
+      raise ConfigError(f"config.{field}.config: the chain of upstream stages loops ({' -> '.join(_chain)})")
+    validate_chain(upstream_config(init), _chain + (init.config,))
 
 
 def run_stage(cfg):

@@ -84,16 +84,22 @@ def ensure_export(init_cfg) -> str:
     raise ckpt_lib.CheckpointError(f"config.init.workdir: {workdir} has no finished export; run "
                                    f"that stage first or set config.init.run_if_missing=True")
   from alignax.algorithms import run_stage
-  from alignax.config import load_config_file
-  path, _, preset = init_cfg.config.partition(":")
-  prev = load_config_file(path, preset or None)
-  prev.workdir = workdir
+  prev = upstream_config(init_cfg)
   logging.warning("%s has no export: running %s into it first", workdir, init_cfg.config)
   print(f"alignax: {workdir} is missing; running {init_cfg.config} first", flush=True)
   result = run_stage(prev)
   if not result.finished:
     raise ckpt_lib.CheckpointError(f"the previous stage in {workdir} stopped before finishing")
   return workdir
+
+
+def upstream_config(init_cfg) -> "ConfigDict":  # noqa: F821
+  """The config `init.config` names (`path:preset`), writing into `init.workdir`."""
+  from alignax.config import load_config_file
+  path, _, preset = init_cfg.config.partition(":")
+  prev = load_config_file(path, preset or None)
+  prev.workdir = init_cfg.workdir
+  return prev
 
 
 def adopt_export(cfg, workdir: str, chat_stages=()) -> "ModelConfig":  # noqa: F821

@@ -56,8 +56,36 @@ def _step_of(state) -> int:
   return int(np.asarray(jax.device_get(state.step)).max())  # members all share the step
 
 
+PHASES = ("train", "eval", "data")
+
+
 def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict:
-  return {(k if "/" in k else f"{prefix}/{k}"): v for k, v in values.items()}
+  """Names under `prefix/` unless they already name a phase (so a loss's "rewards/accuracy" is
+  train/rewards/accuracy in training rows and eval/rewards/accuracy in eval rows)."""
+  return {(k if k.split("/", 1)[0] in PHASES else f"{prefix}/{k}"): v for k, v in values.items()}
+
+
+def nonfinite_limit(cfg, total_steps: int) -> float:
+  """Non-finite steps a "skip" run tolerates: `train.max_nonfinite` as a count, or as a fraction
+  of `total_steps` when below 1."""
+  limit = float(cfg.train.get("max_nonfinite", 0.1))
+  return limit * total_steps if limit < 1 else limit
+
+
+def _raise_if_failing(state: TrainState, cfg, total_steps: int, checkpointer) -> None:
+  """Stops a "skip" run whose non-finite steps exceed `train.max_nonfinite` (HaltError)."""
+  if cfg.train.nonfinite != "skip":
+    return
+  count = int(np.asarray(jax.device_get(state.nonfinite)).max())  # [M] for members: the worst
+  limit = nonfinite_limit(cfg, total_steps)
+  if count > limit:
+    saved = getattr(checkpointer, "last_saved", None)
+    where = f"the last good checkpoint is step {saved}" if saved is not None else "no checkpoint was saved"
+    raise HaltError(f"{count} of {_step_of(state)} steps had a non-finite loss, gradient or update, more "
+                    f"than train.max_nonfinite={cfg.train.get('max_nonfinite', 0.1)} allows ({limit:g} of "
+                    f"train.steps={total_steps}); their updates were skipped, so no params are "
+                    f"non-finite; {where}. Lower optimizer.lr or check "
+                    f"the data (train/nonfinite in metrics.jsonl counts them)")
 
 
 def _raise_if_halted(state: TrainState, checkpointer) -> None:
@@ -68,7 +96,7 @@ def _raise_if_halted(state: TrainState, checkpointer) -> None:
   saved = getattr(checkpointer, "last_saved", None)
   first = int(halted[halted >= 0].min())
   which = "" if halted.size == 1 else f" in member(s) {np.flatnonzero(halted >= 0).tolist()}"
-  raise HaltError(f"non-finite loss or gradient at step {first + 1}{which} (train.nonfinite='halt'); "
+  raise HaltError(f"non-finite loss, gradient or update at step {first + 1}{which} (train.nonfinite='halt'); "
                   f"updates stopped there, so the params are those after step {first}; "
                   f"the last good checkpoint is step {saved}")
 
@@ -98,6 +126,9 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
   # first checkpoint) would be written again: drop them (counted in the log).
   writer.truncate_after(_step_of(state) if restored is not None else -1)
   start = _step_of(state)
+  if stop_requested():  # a signal during start-up: nothing trained, nothing to save
+    logging.warning("stop requested before step %d: exiting before training", start + 1)
+    return state
   step_fn = placement.jit_step(run.train_step, state)
   log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
   ckpt_every = int(cfg.checkpoint.every)
@@ -135,10 +166,12 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
         progress.update(0, loss=written.get("train/loss", float("nan")),
                         tok_s=int(written["train/tokens_per_sec"]))
         _raise_if_halted(state, checkpointer)
+        _raise_if_failing(state, cfg, run.total_steps, checkpointer)
       if eval_every and step % eval_every == 0 and step < run.total_steps and run.evaluate is not None:
         writer.write(step, _prefixed("eval", run.evaluate(state)))
       if checkpointer is not None and ckpt_every and step % ckpt_every == 0:
         _raise_if_halted(state, checkpointer)
+        _raise_if_failing(state, cfg, run.total_steps, checkpointer)
         checkpointer.maybe_save(step, state, run.batches)
       progress.update(1)
       if stop_requested():
@@ -147,7 +180,9 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
           checkpointer.maybe_save(step, state, run.batches, force=True)
         return state
     _raise_if_halted(state, checkpointer)
-    if run.evaluate is not None and step == run.total_steps:
+    _raise_if_failing(state, cfg, run.total_steps, checkpointer)
+    # A rerun of a finished run trains nothing: its final eval row is already there.
+    if run.evaluate is not None and step == run.total_steps and step > start:
       writer.write(step, _prefixed("eval", run.evaluate(state)))
     if checkpointer is not None:
       checkpointer.maybe_save(step, state, run.batches, force=True)

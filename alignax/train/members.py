@@ -22,6 +22,7 @@ rate, weight decay included, and every schedule is proportional to its peak).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,6 +44,7 @@ from alignax.models.config import ModelConfig
 from alignax.train.loop import Run, run_loop
 from alignax.train.runner import StageContext, StageResult, log_to_file
 from alignax.train.state import TrainState
+from alignax.train.workdir_lock import WorkdirLock
 
 MEMBERS_FILE = "members.json"
 GROUP_DIR = "_group"  # a stage's own members (a reward ensemble) keep their stacked checkpoint here
@@ -386,6 +388,26 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
   placement = MemberPlacement(inner, len(members), str(template.parallel.get("members_step", "vmap")))
   placement.split  # noqa: B018 - raises when the members axis does not divide the group
   is_main = parallel.is_main_process()
+  group_cfg = ConfigDict(template.to_dict())
+  with group_cfg.unlocked():
+    group_cfg.workdir = group_dir
+  with contextlib.ExitStack() as held:
+    stop = held.enter_context(ckpt_lib.StopSignal())
+    for d in [group_dir] + [m.cfg.workdir for m in members]:
+      held.enter_context(WorkdirLock(d, enabled=is_main))
+    ckpt_lib.check_resume(group_dir, group_cfg)
+    results, finished, step = _train_group(members, models, names, cfgs, template, group_dir, group_cfg,
+                                           placement, inner, is_main, stop, build_run, export)
+  if not finished:
+    print(f"alignax: stopped at step {step} by a signal; the group's checkpoint is saved in "
+          f"{group_dir}. Run the same command to resume.", file=sys.stderr)
+  return results
+
+
+def _train_group(members, models, names, cfgs, template, group_dir, group_cfg, placement, inner,
+                 is_main, stop, build_run, export):
+  """Builds every member's run, stacks their states and trains the group (`run_members`'s body,
+  under its locks and signal handler). Returns (results, finished, step)."""
   if is_main:
     _check_members_file(group_dir, names, bool(template.train.resume))
     log_to_file(group_dir)
@@ -422,18 +444,14 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
                   batches=MemberBatches([r.batches for r in runs]), evaluate=_member_evaluate(runs),
                   tokens_per_batch=_member_tokens(runs), total_steps=runs[0].total_steps,
                   after_step=runs[0].after_step)
-  group_cfg = ConfigDict(template.to_dict())
-  with group_cfg.unlocked():
-    group_cfg.workdir = group_dir
   checkpointer = ckpt_lib.Checkpointer(group_dir, template.checkpoint, group_cfg,
                                        state_sharding=placement.state_sharding,
                                        resume=bool(template.train.resume))
   try:
-    with ckpt_lib.StopSignal() as stop:
-      state = run_loop(group_run, template, placement=placement, checkpointer=checkpointer,
-                       writer=writer, is_main=is_main, stop_requested=stop.requested)
-      step = int(np.asarray(jax.device_get(state.step)).max())
-      finished = step >= group_run.total_steps
+    state = run_loop(group_run, template, placement=placement, checkpointer=checkpointer,
+                     writer=writer, is_main=is_main, stop_requested=stop.requested)
+    step = int(np.asarray(jax.device_get(state.step)).max())
+    finished = step >= group_run.total_steps
     results = []
     for i, ctx in enumerate(ctxs):
       member_state = member_slice(state, i)
@@ -443,8 +461,5 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
   finally:
     checkpointer.close()
     writer.close()
-  if not finished:
-    print(f"alignax: stopped at step {step} by a signal; the group's checkpoint is saved in "
-          f"{group_dir}. Run the same command to resume.", file=sys.stderr)
-  return results
+  return results, finished, step
 

@@ -23,6 +23,7 @@ from alignax.data.tokenizer import Tokenizer
 from alignax.models.config import ModelConfig
 from alignax.train.loop import Run, run_loop
 from alignax.train.state import TrainState
+from alignax.train.workdir_lock import WorkdirLock
 
 
 @dataclasses.dataclass
@@ -68,44 +69,57 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
     model_config: the model when it does not come from `cfg.model` (e.g. loaded from a previous
       stage's export).
   """
-  parallel.maybe_initialize_distributed(cfg.parallel.distributed)
-  model = validate_common(cfg)
-  if model_config is not None:
-    model = model_config
-  if validate is not None:
-    validate(cfg)
-  tokenizer = resolve_tokenizer(cfg)
-  if tokenizer.vocab_size > model.vocab_size:
-    from alignax.config import ConfigError
-    raise ConfigError(f"config.model.vocab_size: {model.vocab_size} is smaller than the tokenizer's "
-                      f"vocabulary ({tokenizer.vocab_size})")
-  placement = parallel.make_placement(cfg.parallel, model, int(cfg.train.batch_size))
-  is_main = parallel.is_main_process()
-  workdir = cfg.workdir
-  if is_main:
-    save_config(cfg, workdir)
-    log_to_file(workdir)
-  logging.info("stage %s: workdir %s, mesh %s, %d processes", cfg.stage, workdir,
-               parallel.describe(placement.mesh), jax.process_count())
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  ctx = StageContext(cfg=cfg, model=model, placement=placement, tokenizer=tokenizer, writer=writer,
-                     is_main=is_main)
-  run = build_run(ctx)
-  checkpointer = ckpt_lib.Checkpointer(workdir, cfg.checkpoint, cfg,
-                                       state_sharding=placement.state_sharding,
-                                       resume=bool(cfg.train.resume))
-  try:
-    with ckpt_lib.StopSignal() as stop:
-      state = run_loop(run, cfg, placement=placement, checkpointer=checkpointer, writer=writer,
-                       is_main=is_main, stop_requested=stop.requested)
-      finished = int(jax.device_get(state.step)) >= run.total_steps
-    if finished and export is not None:
-      export(ctx, state)
-  finally:
-    checkpointer.close()
-    writer.close()
+  # Signals are caught from here on, so SIGTERM during start-up or export ends the run cleanly
+  # (at the next step boundary, or once the export is complete) instead of killing it mid-write.
+  with ckpt_lib.StopSignal() as stop:
+    parallel.maybe_initialize_distributed(cfg.parallel.distributed)
+    model = validate_common(cfg)
+    if model_config is not None:
+      model = model_config
+    if validate is not None:
+      validate(cfg)
+    tokenizer = resolve_tokenizer(cfg)
+    if tokenizer.vocab_size > model.vocab_size:
+      from alignax.config import ConfigError
+      raise ConfigError(f"config.model.vocab_size: {model.vocab_size} is smaller than the tokenizer's "
+                        f"vocabulary ({tokenizer.vocab_size})")
+    placement = parallel.make_placement(cfg.parallel, model, int(cfg.train.batch_size))
+    is_main = parallel.is_main_process()
+    workdir = cfg.workdir
+    with WorkdirLock(workdir, enabled=is_main):
+      # A refused resume leaves the saved config.json as it was.
+      ckpt_lib.check_resume(workdir, cfg)
+      if is_main:
+        save_config(cfg, workdir)
+        log_to_file(workdir)
+      logging.info("stage %s: workdir %s, mesh %s, %d processes", cfg.stage, workdir,
+                   parallel.describe(placement.mesh), jax.process_count())
+      writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+      ctx = StageContext(cfg=cfg, model=model, placement=placement, tokenizer=tokenizer, writer=writer,
+                         is_main=is_main)
+      run = build_run(ctx)
+      checkpointer = ckpt_lib.Checkpointer(workdir, cfg.checkpoint, cfg,
+                                           state_sharding=placement.state_sharding,
+                                           resume=bool(cfg.train.resume))
+      try:
+        state = run_loop(run, cfg, placement=placement, checkpointer=checkpointer, writer=writer,
+                         is_main=is_main, stop_requested=stop.requested)
+        step = int(jax.device_get(state.step))
+        finished = step >= run.total_steps
+        if finished and export is not None:
+          export(ctx, state)
+      finally:
+        checkpointer.close()
+        writer.close()
   if not finished:
-    msg = (f"alignax: stopped at step {int(jax.device_get(state.step))} by a signal; the checkpoint "
-           f"is saved in {workdir}. Run the same command to resume.")
-    print(msg, file=sys.stderr)
+    print(stopped_message(step, checkpointer.last_saved, workdir), file=sys.stderr)
   return StageResult(state=state, finished=finished, workdir=workdir)
+
+
+def stopped_message(step: int, saved: int | None, workdir: str) -> str:
+  """What a run stopped by a signal tells the user."""
+  if saved is None:
+    return (f"alignax: stopped at step {step} by a signal, before any checkpoint; nothing is saved "
+            f"in {workdir} yet.")
+  return (f"alignax: stopped at step {step} by a signal; checkpoint step {saved} is saved in "
+          f"{workdir}. Run the same command to resume.")

@@ -73,21 +73,25 @@ def all_finite(tree) -> jax.Array:
 
 def guarded_update(params, opt_state, grads, loss: jax.Array, optimizer: optax.GradientTransformation,
                    allowed: jax.Array | bool = True, lr_scale: jax.Array | None = None):
-  """One optax update that is applied only when loss and gradients are finite (and `allowed`).
+  """One optax update that is applied only when loss, gradients and the updated params are
+  finite (and `allowed`).
+
+  The params are checked too because finite gradients can still give a non-finite update (an
+  optimizer state that overflowed, a division by a zero second moment).
 
   `lr_scale` multiplies the update (AdamW's whole update is proportional to the learning rate,
   weight decay included, so this scales the learning rate exactly).
 
   Returns:
     (params, opt_state, finite): the updated or untouched params and optimizer state, and
-    whether this step's loss and gradients were finite.
+    whether this step's loss, gradients and updated params were finite.
   """
-  finite = jnp.isfinite(loss) & all_finite(grads)
-  ok = finite & allowed
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   if lr_scale is not None:
     updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
   new_params = optax.apply_updates(params, updates)
+  finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new_params)
+  ok = finite & allowed
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   return keep(new_params, params), keep(new_opt_state, opt_state), finite
 
@@ -105,7 +109,8 @@ def record_finiteness(state: TrainState, finite: jax.Array, nonfinite_policy: st
 
 def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation,
                     loss: jax.Array, nonfinite_policy: str = "skip"):
-  """One optimizer update of `state.params`, guarded against non-finite loss or gradients.
+  """One optimizer update of `state.params`, guarded against a non-finite loss, gradient or
+  update.
 
   A non-finite step leaves params and optimizer state untouched and is counted. Under "halt" the
   first such step is recorded in `halted_at` and every later update is skipped too, so the loop
