@@ -280,10 +280,15 @@ def test_preference_bad_records_skip_counts():
     assert s[f"skipped/{reason}"] == 1, reason
   assert s["records"] == 7 and s["examples"] == 3
   assert sum(b["valid"].sum() for b in batches) == 3 and s["padding_rows"] == 1
-  # max_prompt_len: a prompt that fits T but exceeds the limit is too long as well.
-  it = pipeline.preference_pipeline(good, TOK, batch_size=1, seq_len=16, max_prompt_len=4,
+  # max_prompt_len: a prompt that fits T but exceeds the limit is too long as well; with every
+  # record too long nothing is usable, which stops at once instead of yielding nothing.
+  with pytest.raises(DataError, match=r"no usable records .*prompt_too_long 3"):
+    pipeline.preference_pipeline(good, TOK, batch_size=1, seq_len=16, max_prompt_len=4,
+                                 bad_records="skip")
+  it = pipeline.preference_pipeline(good + [{"prompt": "", "chosen": "a", "rejected": "b"}], TOK,
+                                    batch_size=1, seq_len=16, max_prompt_len=4,
                                     bad_records="skip")
-  assert list(it) == [] and it.stats()["skipped/prompt_too_long"] == 3
+  assert len(list(it)) == 1 and it.stats()["skipped/prompt_too_long"] == 3
 
 
 def test_preference_long_response_truncated_and_counted():

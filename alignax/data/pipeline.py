@@ -2,10 +2,23 @@
 
 Every pipeline has the same spine (grain for reading, shuffling, mapping, packing, batching):
 
+  validation pass over the whole source (when the pipeline is built, before any batch)-->
   source indices --shard--> [i::shard_count] --shuffle(seed)--> --repeat(num_epochs)-->
-  --map: fetch record, validate, tokenize (numpy)--> --screen: count, skip or raise, split-->
+  --map: fetch record, validate, tokenize (numpy)--> --screen: skip or raise, split-->
   --pack (grain FirstFitPackIterDataset) or one example per row--> --batch(B)-->
   --fixed batches: a short last batch is padded with empty rows or dropped, and counted-->
+
+The validation pass (`screen_source`) runs every record through the same validate/encode the
+map runs, once, so bad records are known before training compiles anything:
+  * bad_records="error": any record the pipeline could not use raises one DataError listing
+    the first few with file:line and the count per reason;
+  * bad_records="skip": each reason is logged once (absl WARNING, one line per reason, with
+    the first file:line), and `stats()` reports the distinct records per reason from the
+    first batch on; later epochs skip those records without counting them again;
+  * nothing usable at all (or a shard with nothing usable) raises DataError naming the
+    files, whatever the policy: a repeating pipeline would otherwise spin forever.
+The pass covers the whole source on every process (not just its shard), so every process
+stops on the same error and reports the same counts.
 
 Conversations (SFT, preference, unpaired, prompts) go through `chat_template` ("markers", the
 default, or "plain"; see `alignax.data.chat`).
@@ -28,11 +41,14 @@ Iterators (`DataIterator`) are grain `DatasetIterator`s: `get_state()` is a JSON
 dict and `set_state(state)` resumes exactly (same next batch as an uninterrupted iterator,
 packing included). `stats()` returns the counters the training loop logs:
 
-  records           records read from the source (the packer reads a little ahead of what
-                    it has emitted, so this includes records waiting in its bins)
+  records           records read from the source, every epoch (the packer reads a little ahead
+                    of what it has emitted, so this includes records waiting in its bins)
   examples          sequences handed to packing/batching (after splitting long documents)
-  skipped/<reason>  records skipped: invalid, identical_pair, empty_response,
-                    prompt_too_long (those four obey `bad_records`), too_long, empty_text
+  usable_records    distinct records of the source the pipeline can use (validation pass)
+  skipped/<reason>  distinct records of the source skipped (validation pass; not re-counted per
+                    epoch): invalid (including records the file readers left out),
+                    identical_pair, empty_response, prompt_too_long, empty_text (those obey
+                    `bad_records`), too_long (too_long="skip")
   truncated, truncated_tokens   sequences cut to fit and the tokens they lost
   split, split_chunks           documents longer than seq_len and the chunks they became
   batches, rows, tokens, loss_tokens   emitted; tokens counts non-padding positions
@@ -43,14 +59,16 @@ packing included). `stats()` returns the counters the training loop logs:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
 
 from alignax.data import chat, schemas
-from alignax.data.schemas import (EMPTY_RESPONSE, IDENTICAL_PAIR, INVALID, PROMPT_TOO_LONG,
-                                  DataError)
+from alignax.data.schemas import (EMPTY_TEXT, PROMPT_TOO_LONG, DataError)
+from alignax.data.screening import (POLICY_REASONS, TOO_LONG, Screening, enforce, screen_source,
+                                    skip_marker as _skip, verdict as _verdict)
 from alignax.data.tokenizer import ByteTokenizer, Tokenizer
 
 Example = dict[str, Any]
@@ -58,11 +76,6 @@ Batch = dict[str, Any]
 
 LONG_DOC_POLICIES = ("split", "truncate")
 TOO_LONG_POLICIES = ("truncate", "skip")
-# Reasons governed by `bad_records` ("error" stops, "skip" counts). Others are always skipped
-# and counted: they follow from an explicit option (too_long="skip") or are harmless (empty text).
-POLICY_REASONS = frozenset({INVALID, IDENTICAL_PAIR, EMPTY_RESPONSE, PROMPT_TOO_LONG})
-TOO_LONG = "too_long"
-EMPTY_TEXT = "empty_text"
 _GAUGES = frozenset({"epoch"})  # merged by max, not summed
 
 
@@ -83,17 +96,23 @@ class _CountingIterator(grain.DatasetIterator):
 class _ScreenIterator(_CountingIterator):
   """Counts records; skips (or raises on) marked ones; splits sequences longer than `split_len`.
 
+  Skipped records are not counted here: the validation pass counted each once (see
+  `DataIterator.stats`). As a last guard against spinning, an epoch (`epoch_len` records of
+  this shard) in which no record was usable raises DataError.
+
   One record can become several examples (chunks), so the state remembers the parent state
   before the record being split and how many of its chunks were emitted.
   """
 
-  def __init__(self, parent, *, bad_records: str, split_len: int | None):
+  def __init__(self, parent, *, bad_records: str, split_len: int | None, epoch_len: int):
     super().__init__(parent)
     self._bad_records = bad_records
     self._split_len = split_len
+    self._epoch_len = epoch_len
     self._chunks: list[Example] = []
     self._next = 0
     self._doc_state: dict | None = None
+    self._guard = {"epoch": 0, "seen": 0, "usable": 0}  # records of the current epoch
 
   def __next__(self) -> Example:
     while True:
@@ -107,16 +126,16 @@ class _ScreenIterator(_CountingIterator):
       self._next = 0
 
   def _process(self, ex: Example, *, count: bool) -> list[Example]:
+    reason = ex.get("_skip")
     if count:
       self._count("records")
-      self.counts["epoch"] = max(self.counts.get("epoch", 0), ex.pop("_epoch", 0))
-    reason = ex.get("_skip")
+      epoch = ex.pop("_epoch", 0)
+      self.counts["epoch"] = max(self.counts.get("epoch", 0), epoch)
+      self._watch(epoch, usable=reason is None, ex=ex)
     if reason is not None:
       if reason in POLICY_REASONS and self._bad_records == "error":
         raise DataError(f"{ex.get('_where', 'record')}: {ex['_message']} (bad_records='error'; "
                         f"pass bad_records='skip' to skip and count such records)")
-      if count:
-        self._count(f"skipped/{reason}")
       return []
     if count:
       for key, n in ex.get("_counts", {}).items():
@@ -131,15 +150,29 @@ class _ScreenIterator(_CountingIterator):
       self._count("split_chunks", len(starts))
     return [{k: v[s:s + self._split_len] for k, v in ex.items()} for s in starts]
 
+  def _watch(self, epoch: int, *, usable: bool, ex: Example) -> None:
+    """Raises once a whole epoch of this shard went by without one usable record."""
+    g = self._guard
+    if epoch != g["epoch"]:
+      g.update(epoch=epoch, seen=0, usable=0)
+    g["seen"] += 1
+    g["usable"] += int(usable)
+    if g["seen"] >= self._epoch_len and not g["usable"]:
+      raise DataError(f"an epoch of {self._epoch_len} records gave no usable record (the last: "
+                      f"{ex.get('_where', 'record')}: {ex.get('_message', '')}); stopping "
+                      f"instead of reading the same bad records forever")
+
   def get_state(self) -> dict[str, Any]:
     mid = self._next < len(self._chunks)
     return {"parent": self._doc_state if mid else self._parent.get_state(),
             "chunk": self._next if mid else 0,
-            "counts": dict(self.counts)}
+            "counts": dict(self.counts), "guard": dict(self._guard)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
-    self.counts = dict(state["counts"])
+    # Skips are counted by the validation pass now; older states counted every encounter.
+    self.counts = {k: v for k, v in state["counts"].items() if not k.startswith("skipped/")}
+    self._guard = dict(state.get("guard") or {"epoch": 0, "seen": 0, "usable": 0})
     self._chunks, self._next = [], 0
     if state["chunk"]:
       # Re-read the record that was being split (already counted) and resume mid-way.
@@ -226,9 +259,13 @@ class DataIterator(grain.DatasetIterator):
   `stats()` -> dict of counters (see the module docstring).
   """
 
-  def __init__(self, parent: grain.DatasetIterator, *, info: Mapping[str, Any]):
+  def __init__(self, parent: grain.DatasetIterator, *, info: Mapping[str, Any],
+               data_counts: Mapping[str, int] | None = None):
     super().__init__(parent)
     self.info = dict(info)  # the pipeline's arguments, for logs
+    # What the validation pass found in the source ("usable_records", "skipped/<reason>"):
+    # fixed for the source, so not part of the checkpoint state.
+    self.data_counts = dict(data_counts or {})
 
   def __next__(self) -> Batch:
     return next(self._parent)
@@ -240,8 +277,9 @@ class DataIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
   def stats(self) -> dict[str, int]:
-    """Counters summed over the pipeline's counting stages (gauges like "epoch" by max)."""
-    out: dict[str, int] = {}
+    """Counters summed over the pipeline's counting stages (gauges like "epoch" by max), plus
+    the validation pass's distinct-record counts."""
+    out: dict[str, int] = dict(self.data_counts)
     stack: list[Any] = [self]
     while stack:
       it = stack.pop()
@@ -256,8 +294,8 @@ class PromptIterator(DataIterator):
   """Yields `(arrays, records)`: the batch and, per row, the validated source record (with all
   its extra fields, e.g. the answer a reward function needs), or None for an empty filler row."""
 
-  def __init__(self, parent, *, info, source):
-    super().__init__(parent, info=info)
+  def __init__(self, parent, *, info, source, data_counts=None):
+    super().__init__(parent, info=info, data_counts=data_counts)
     self._source = source
 
   def __next__(self) -> tuple[Batch, list[dict | None]]:
@@ -312,10 +350,6 @@ def _ids(tok: Tokenizer, text: str) -> np.ndarray:
   return np.asarray(tok.encode(text), np.int32)
 
 
-def _skip(reason: str, message: str | None = None) -> Example:
-  return {"_skip": reason, "_message": message or schemas.issue_message(reason)}
-
-
 def lm_row(ids: Sequence[int], mask: Sequence[float], seq_len: int, pad_id: int,
            *, left: bool = False) -> dict[str, np.ndarray]:
   """One sequence as one row of the batch contract, padded to `seq_len`.
@@ -354,16 +388,22 @@ def _packed_to_contract(batch: Batch) -> Batch:
           "loss_mask": (batch["loss_mask"] * (positions > 0)).astype(np.float32)}
 
 
+def _prompt_tokens(tok: Tokenizer, prompt: list, template: str) -> int:
+  """Tokens of the prompt as a generator would see it: the conversation so far plus the role
+  marker that opens the response (what `chat.encode_prompt` gives for a single-turn response)."""
+  return len(chat.encode_chat(tok, prompt, add_generation_prompt=True, template=template)[0])
+
+
 def _prompt_and_response(tok: Tokenizer, prompt: list, response: list, seq_len: int,
                          max_prompt_len: int | None, ended: bool = True,
-                         template: str = "markers"):
+                         template: str = "markers", n_prompt: int | None = None):
   """(ids [<= T] int32, loss mask [<= T] float32, prompt length, full length) of prompt +
   response, cut to `seq_len`; the mask is on the response's assistant text and eos only.
   `ended=False` drops the final `<eos>` (a response that was cut off before ending).
+  `n_prompt`: `_prompt_tokens` of `prompt` if already known (both sides of a pair share it).
   Returns a skip marker instead when the prompt leaves no room for a response token."""
-  # The prompt as a generator would see it: the conversation so far plus the role marker that
-  # opens the response (what `chat.encode_prompt` gives for a single-turn response).
-  n_prompt = len(chat.encode_chat(tok, prompt, add_generation_prompt=True, template=template)[0])
+  if n_prompt is None:
+    n_prompt = _prompt_tokens(tok, prompt, template)
   ids, mask = chat.encode_chat(tok, prompt + response, template=template)
   if not ended:
     ids, mask = ids[:-1], mask[:-1]
@@ -414,56 +454,69 @@ def shuffle_seed(seed: int) -> int:
   return int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
 
 
-def _examples(source, schema: str, encode: Callable[[dict], Example], *, shuffle: bool,
-              seed: int, num_epochs: int | None, shard_index: int, shard_count: int,
-              read_threads: int, keep_index: bool = False) -> grain.IterDataset:
-  """Source -> shuffled, repeated stream of encoded examples (or skip markers).
+@dataclasses.dataclass
+class _Examples:
+  """The encoded stream of one shard and what the validation pass found in the source."""
+
+  ds: grain.IterDataset
+  screening: "Screening"
+  epoch_len: int  # records of this shard per epoch
+
+
+def _examples(source, schema: str, encode: Callable[[dict], Example], *, bad_records: str,
+              shuffle: bool, seed: int, num_epochs: int | None, shard_index: int,
+              shard_count: int, read_threads: int, keep_index: bool = False) -> _Examples:
+  """Source -> validation pass -> shuffled, repeated stream of encoded examples (or skip markers).
 
   `encode(normalized_record) -> example` returns numpy arrays, or `_skip(reason)`; it may add
   "_counts" {counter: increment}. With `keep_index`, examples get "index" (the source index).
+  The validation pass (`screen_source`, then `enforce`) raises here, before any batch, on bad
+  records under bad_records="error" and on a source or shard with nothing usable.
   """
   if len(source) == 0:
     raise DataError("the data source is empty")
   ds = shard_indices(len(source), shard_index, shard_count)
   shard_len = len(ds)
+  screening = screen_source(source, schema, encode)
+  enforce(screening, bad_records=bad_records, shard_count=shard_count)
+  bad = screening.bad
   if shuffle:
     ds = ds.shuffle(shuffle_seed(seed))
   ds = ds.repeat(num_epochs)
 
   def fetch_and_encode(stream_index: int, src_index: int) -> Example:
-    raw = source[int(src_index)]
-    try:
-      rec = schemas.validate(schema, raw)
-    except DataError as e:
-      ex = _skip(INVALID, str(e))
+    index = int(src_index)
+    if index in bad:  # known from the validation pass: neither read nor encoded again
+      known = bad[index]
+      ex = {"_skip": known.reason, "_message": known.message, "_where": known.where}
     else:
-      issue = schemas.record_issue(schema, rec)
-      ex = _skip(issue) if issue else encode(rec)
-    if "_skip" in ex:
-      ex["_where"] = schemas.where(raw, int(src_index))
-    elif keep_index:
-      ex["index"] = np.int32(src_index)
+      ex = _verdict(source[index], index, schema, encode)
+      if keep_index and "_skip" not in ex:
+        ex["index"] = np.int32(index)
     ex["_epoch"] = stream_index // shard_len
     return ex
 
   # Threads only pay off for slow sources (files); in-memory records are faster without.
   options = grain.ReadOptions(num_threads=read_threads,
                               prefetch_buffer_size=max(16, 4 * read_threads))
-  return ds.map_with_index(fetch_and_encode).to_iter_dataset(options)
+  return _Examples(ds.map_with_index(fetch_and_encode).to_iter_dataset(options), screening,
+                   shard_len)
 
 
-def _finish(examples: grain.IterDataset, *, bad_records: str, split_len: int | None,
+def _finish(examples: _Examples, *, bad_records: str, split_len: int | None,
             rows: Callable[[grain.IterDataset], grain.IterDataset], batch_size: int,
             drop_remainder: bool, pad_id: int, to_contract: Callable | None,
             info: dict, iterator_cls=DataIterator, **iterator_kwargs) -> DataIterator:
-  ds = _Stage(examples, lambda p: _ScreenIterator(p, bad_records=bad_records,
-                                                  split_len=split_len))
+  ds = _Stage(examples.ds, lambda p: _ScreenIterator(p, bad_records=bad_records,
+                                                     split_len=split_len,
+                                                     epoch_len=examples.epoch_len))
   ds = rows(ds).batch(batch_size, drop_remainder=False)
   if to_contract is not None:
     ds = ds.map(to_contract)
   ds = _Stage(ds, lambda p: _FixedBatchIterator(p, batch_size=batch_size,
                                                 drop_remainder=drop_remainder, pad_id=pad_id))
-  return iterator_cls(ds.__iter__(), info=info, **iterator_kwargs)
+  return iterator_cls(ds.__iter__(), info=info, data_counts=examples.screening.counts(),
+                      **iterator_kwargs)
 
 
 def _first_fit(seq_len: int, num_bins: int, pad_id: int):
@@ -505,7 +558,8 @@ def lm_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
     num_packing_bins: rows the first-fit packer fills at once (default max(batch_size, 64));
       more bins, less padding (B=8, T=128, ~130-byte documents: 8 bins fill 89% of the
       tokens, 64 bins 94%), at the cost of reading further ahead.
-    bad_records: "error" or "skip" (and count) records that are not {"text": str}.
+    bad_records: "error" or "skip" (and count) records that are not {"text": str} or whose
+      text is empty (or only whitespace).
     shuffle, seed: shuffle records; each epoch gets a different, deterministic order.
     num_epochs: passes over the data; None repeats forever (training). Packing runs across
       the epoch boundary, so a row may hold the end of one epoch and the start of the next.
@@ -515,7 +569,7 @@ def lm_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
 
   Returns:
     DataIterator of {"tokens", "positions", "segment_ids" [B, T] int32, "loss_mask" [B, T]
-    float32}. Empty documents are skipped and counted ("skipped/empty_text").
+    float32}. Empty documents are bad records ("skipped/empty_text" under "skip").
   """
   _check_common(batch_size=batch_size, seq_len=seq_len, shard_index=shard_index,
                 shard_count=shard_count, num_epochs=num_epochs, seed=seed,
@@ -535,7 +589,8 @@ def lm_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
       ex["_counts"] = {"truncated": 1, "truncated_tokens": len(ids) - seq_len}
     return ex
 
-  examples = _examples(source, "text", encode, shuffle=shuffle, seed=seed,
+  examples = _examples(source, "text", encode, bad_records=bad_records,
+                       shuffle=shuffle, seed=seed,
                        num_epochs=num_epochs, shard_index=shard_index,
                        shard_count=shard_count, read_threads=read_threads)
   bins = num_packing_bins or max(batch_size, 64)
@@ -592,7 +647,8 @@ def sft_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
     ex["_counts"] = {"truncated": 1, "truncated_tokens": len(ids) - seq_len}
     return ex
 
-  examples = _examples(source, "sft", encode, shuffle=shuffle, seed=seed,
+  examples = _examples(source, "sft", encode, bad_records=bad_records,
+                       shuffle=shuffle, seed=seed,
                        num_epochs=num_epochs, shard_index=shard_index,
                        shard_count=shard_count, read_threads=read_threads)
   bins = num_packing_bins or max(batch_size, 64)
@@ -638,9 +694,9 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
                 shard_count=shard_count, num_epochs=num_epochs, seed=seed,
                 bad_records=bad_records)
 
-  def side(prompt, response, ended=True):
+  def side(prompt, response, ended, n_prompt):
     out = _prompt_and_response(tok, prompt, response, seq_len, max_prompt_len, ended=ended,
-                               template=chat_template)
+                               template=chat_template, n_prompt=n_prompt)
     if isinstance(out, dict):
       return out, 0, 0
     ids, mask, _, n_full = out
@@ -650,10 +706,12 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
     return row, int(lost > 0), lost
 
   def encode(rec: dict) -> Example:
-    chosen, t1, lost1 = side(rec["prompt"], rec["chosen"], rec.get("chosen_ended", True))
+    n_prompt = _prompt_tokens(tok, rec["prompt"], chat_template)  # encoded once for both sides
+    chosen, t1, lost1 = side(rec["prompt"], rec["chosen"], rec.get("chosen_ended", True), n_prompt)
     if "_skip" in chosen:
       return chosen
-    rejected, t2, lost2 = side(rec["prompt"], rec["rejected"], rec.get("rejected_ended", True))
+    rejected, t2, lost2 = side(rec["prompt"], rec["rejected"], rec.get("rejected_ended", True),
+                               n_prompt)
     if "_skip" in rejected:
       return rejected
     ex = {"chosen": chosen, "rejected": rejected, "valid": np.float32(1.0),
@@ -662,7 +720,8 @@ def preference_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int
       ex["_counts"] = {"truncated": 1, "truncated_tokens": lost1 + lost2}
     return ex
 
-  examples = _examples(source, "preference", encode, shuffle=shuffle, seed=seed,
+  examples = _examples(source, "preference", encode, bad_records=bad_records,
+                       shuffle=shuffle, seed=seed,
                        num_epochs=num_epochs, shard_index=shard_index,
                        shard_count=shard_count, read_threads=read_threads,
                        keep_index=True)
@@ -718,7 +777,8 @@ def unpaired_pipeline(source, tok: Tokenizer, *, batch_size: int, seq_len: int,
       ex["_counts"] = {"truncated": 1, "truncated_tokens": n_full - seq_len}
     return ex
 
-  examples = _examples(source, "unpaired", encode, shuffle=shuffle, seed=seed,
+  examples = _examples(source, "unpaired", encode, bad_records=bad_records,
+                       shuffle=shuffle, seed=seed,
                        num_epochs=num_epochs, shard_index=shard_index,
                        shard_count=shard_count, read_threads=read_threads)
   return _finish(examples, bad_records=bad_records, split_len=None, rows=_rows_as_is,
@@ -762,7 +822,8 @@ def prompts_pipeline(source, tok: Tokenizer, *, batch_size: int, prompt_len: int
             "prompt_len": np.int32(len(ids)), "valid": np.float32(1.0)}
 
   # keep_index: the source index rides along so the host can look the full record up again.
-  examples = _examples(source, "prompts", encode, shuffle=shuffle, seed=seed,
+  examples = _examples(source, "prompts", encode, bad_records=bad_records,
+                       shuffle=shuffle, seed=seed,
                        num_epochs=num_epochs, shard_index=shard_index,
                        shard_count=shard_count, read_threads=read_threads, keep_index=True)
   return _finish(examples, bad_records=bad_records, split_len=None, rows=_rows_as_is,

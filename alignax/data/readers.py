@@ -49,12 +49,25 @@ class RecordList(list):
     self.problems.extend(other.problems[: _MAX_PROBLEMS - len(self.problems)])
 
 
-def _open_checked(path: str) -> bytes:
-  """The file's bytes; DataError if it is missing, a directory, unreadable or empty."""
+def check_file(path: str) -> str:
+  """Returns `path` if it names an existing file; DataError saying what it is instead.
+
+  A directory gets its own message (not "not found"): the path exists, it is just not a file,
+  and a glob inside it is the likely intent.
+  """
+  if os.path.isdir(path):
+    raise DataError(f"{path}: is a directory, expected a data file (to read the files in it, "
+                    f"give a glob such as {os.path.join(path, '*.jsonl')})")
   if not os.path.exists(path):
     raise DataError(f"{path}: file not found")
-  if os.path.isdir(path):
-    raise DataError(f"{path}: is a directory, expected a file")
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: is not a regular file")
+  return path
+
+
+def _open_checked(path: str) -> bytes:
+  """The file's bytes; DataError if it is missing, a directory, unreadable or empty."""
+  check_file(path)
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -239,9 +252,13 @@ def read_records(paths: str | Sequence[str], schema: str, *, bad_records: str = 
 
   .jsonl/.json -> `read_jsonl`; .parquet/.pq -> `read_parquet`; .txt/.text/.md -> `read_text`
   (only for schema "text"). `paths` may be comma-separated and contain globs.
+  With `bad_records="skip"`, files whose records are all invalid are an error (nothing usable
+  would be left to train on): the message names the files and the first problems.
   """
   out = RecordList()
-  for path in expand_paths(paths):
+  paths = expand_paths(paths)
+  for path in paths:
+    check_file(path)  # a directory says so before its (missing) extension is judged
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
       part = read_jsonl(path, schema, bad_records=bad_records)
@@ -254,6 +271,10 @@ def read_records(paths: str | Sequence[str], schema: str, *, bad_records: str = 
     else:
       raise DataError(f"{path}: unknown file type {ext!r}; expected .jsonl, .parquet or .txt")
     out.extend_from(part)
+  if not out:
+    raise DataError(f"{', '.join(paths)}: no usable records: all {out.counts['invalid']} records "
+                    f"are invalid (bad_records='skip' skipped them); first: "
+                    + "; ".join(out.problems[:3]))
   return out
 
 

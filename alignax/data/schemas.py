@@ -22,9 +22,10 @@ Two kinds of problems are kept apart:
   * a record that does not fit its schema (missing field, wrong type): the validator raises
     `DataError` with a message naming the field;
   * a record that fits but is useless for training (`record_issue`): chosen and rejected
-    identical, an empty response. The pipelines count these and, by the `bad_records` policy
-    ("error" or "skip"), stop with a message or skip them. "Prompt longer than the max length"
-    needs a tokenizer and is decided in the pipelines.
+    identical, an empty response, an empty text. The pipelines find these in a validation pass
+    over the whole source before the first batch and, by the `bad_records` policy ("error" or
+    "skip"), stop with a message or skip them (counted once per record). "Prompt longer than
+    the max length" needs a tokenizer and is decided in the pipelines.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ BAD_RECORD_POLICIES = ("error", "skip")
 IDENTICAL_PAIR = "identical_pair"
 EMPTY_RESPONSE = "empty_response"
 PROMPT_TOO_LONG = "prompt_too_long"
+EMPTY_TEXT = "empty_text"
 INVALID = "invalid"
 
 _ISSUE_MESSAGES = {
     IDENTICAL_PAIR: "chosen and rejected are identical",
     EMPTY_RESPONSE: "a response is empty",
+    EMPTY_TEXT: "the text is empty",
 }
 
 
@@ -199,6 +202,7 @@ def validate_preference(record: Any) -> dict[str, Any]:
 #   chosen_gold / rejected_gold (number): gold scores, when known, to measure accuracy.
 PREFERENCE_FLAGS = ("chosen_ended", "rejected_ended")
 PREFERENCE_NUMBERS = ("margin", "chosen_gold", "rejected_gold")
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _preference_extras(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,6 +221,8 @@ def _preference_extras(record: Mapping[str, Any]) -> dict[str, Any]:
         raise DataError(f"field {key!r} must be a number, got {value!r}")
       if value != value or abs(float(value)) == float("inf"):
         raise DataError(f"field {key!r} must be finite, got {value!r}")
+      if abs(float(value)) > _FLOAT32_MAX:  # it would train as inf
+        raise DataError(f"field {key!r} is {value!r}, beyond float32's range (about 3.4e38)")
       out[key] = float(value)
   return out
 
@@ -280,9 +286,12 @@ def _empty(msgs: Sequence[Mapping[str, str]]) -> bool:
 def record_issue(schema: str, record: Mapping[str, Any]) -> str | None:
   """The reason a *normalized* record is useless for training, or None.
 
-  Returns IDENTICAL_PAIR (preference chosen == rejected) or EMPTY_RESPONSE (an assistant turn
-  of a response is empty or whitespace). Tokenizer-dependent checks live in the pipelines.
+  Returns IDENTICAL_PAIR (preference chosen == rejected), EMPTY_RESPONSE (an assistant turn
+  of a response is empty or whitespace) or EMPTY_TEXT (a text record that is empty or
+  whitespace). Tokenizer-dependent checks live in the pipelines.
   """
+  if schema == "text" and not record["text"].strip():
+    return EMPTY_TEXT
   if schema == "sft" and _empty(record["messages"]):
     return EMPTY_RESPONSE
   if schema == "preference":

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import tempfile
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging as absl_logging
@@ -67,6 +68,20 @@ def _download_config() -> tfds.download.DownloadConfig:
 
 
 @contextlib.contextmanager
+def _own_scratch() -> Iterator[None]:
+  """Points `tempfile` at a directory removed afterwards: a TFDS builder whose dataset is not
+  built yet makes an (empty) `mkdtemp("tfds")` for GCS metadata it never fetches, and would
+  leave one in /tmp per run."""
+  previous = tempfile.tempdir
+  with tempfile.TemporaryDirectory(prefix="alignax_tfds_") as scratch:
+    tempfile.tempdir = scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = previous
+
+
+@contextlib.contextmanager
 def _quiet(enabled: bool = True) -> Iterator[None]:
   """Silences TFDS's progress bars, banner prints and config warnings, then restores them."""
   if not enabled:
@@ -89,10 +104,19 @@ class JsonRecords:
 
   Wraps a TFDS `ArrayRecordDataSource` (records {"record": bytes}); usable directly as a
   pipeline source or with `grain.MapDataset.source`.
+
+  Attributes:
+    counts, problems: what reading the input files counted (as `readers.RecordList`), e.g.
+      counts["invalid"] records left out under bad_records="skip" and the first messages
+      ("path:line: problem"); empty for the world. The pipelines add them to their
+      "skipped/invalid" counter, so records dropped while building are never lost silently.
   """
 
-  def __init__(self, data_source):
+  def __init__(self, data_source, *, counts: Mapping[str, int] | None = None,
+               problems: Sequence[str] = ()):
     self._source = data_source
+    self.counts = dict(counts or {})
+    self.problems = list(problems)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -173,7 +197,7 @@ def build_world_dataset(data_dir: str, seed: int, splits_fn: SplitsFn | None = N
 
   The data lands in `data_dir/alignax_world/seed_<seed>[_<tag>]/1.0.0/`.
   """
-  with _quiet(quiet):
+  with _quiet(quiet), _own_scratch():
     builder = AlignaxWorld(config=world_config(seed, tag), data_dir=data_dir,
                            file_format="array_record", splits_fn=splits_fn)
     builder.download_and_prepare(download_config=_download_config())
@@ -222,8 +246,7 @@ def local_files_config(schema: str, files: Mapping[str, str | Sequence[str]], *,
   expanded = {_tfds_split_name(s): readers.expand_paths(p) for s, p in files.items()}
   for paths in expanded.values():
     for path in paths:
-      if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
+      readers.check_file(path)  # "file not found" / "is a directory" before fingerprinting
   if name is None:
     name = f"{schema}_{_fingerprint(schema, expanded, text_mode, bad_records)}"
   return LocalFilesConfig(name=name, schema=schema, files=expanded, text_mode=text_mode,
@@ -234,25 +257,31 @@ class AlignaxLocalFiles(tfds.core.GeneratorBasedBuilder):
   """Users' JSONL / Parquet / text files as an array_record dataset of normalized records.
 
   Records are validated while building (errors name file and line); with
-  bad_records="skip" invalid records are left out (read the files with
-  `readers.read_records` to see the counts).
+  bad_records="skip" invalid records are left out, and what reading counted (the
+  `readers.RecordList` counts and first problems of each split) is stored in the dataset's
+  metadata.json, so a later run reading the prepared dataset still reports them.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "JSON records, one feature."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "JSON records, one feature.",
+                   "1.1.0": "read counts (records left out as invalid) in the metadata."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, features=_features(), disable_shuffling=True,
+                                 metadata=tfds.core.MetadataDict(),
                                  description="alignax local files (JSON records)")
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    return {split: self._generate_examples(paths) for split, paths in cfg.files.items()}
+    return {split: self._generate_examples(split, paths) for split, paths in cfg.files.items()}
 
-  def _generate_examples(self, paths: Sequence[str]):
+  def _generate_examples(self, split: str, paths: Sequence[str]):
     cfg = self.builder_config
     records = readers.read_records(list(paths), cfg.schema, bad_records=cfg.bad_records,
                                    text_mode=cfg.text_mode)
+    # Written with the dataset info once every split is generated (before it is visible).
+    self.info.metadata[split] = {"counts": dict(records.counts),
+                                 "problems": list(records.problems)}
     for i, record in enumerate(records):
       yield i, _encode(record)
 
@@ -262,11 +291,11 @@ def build_files_dataset(data_dir: str, schema: str, files: Mapping[str, str | Se
                         name: str | None = None, quiet: bool = True) -> AlignaxLocalFiles:
   """Prepares (if needed) and returns the builder for `files` {split: paths} under data_dir.
 
-  The data lands in `data_dir/alignax_local_files/<schema>_<fingerprint>/1.0.0/`.
+  The data lands in `data_dir/alignax_local_files/<schema>_<fingerprint>/1.1.0/`.
   """
   config = local_files_config(schema, files, text_mode=text_mode, bad_records=bad_records,
                               name=name)
-  with _quiet(quiet):
+  with _quiet(quiet), _own_scratch():
     builder = AlignaxLocalFiles(config=config, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(download_config=_download_config())
   return builder
@@ -274,6 +303,12 @@ def build_files_dataset(data_dir: str, schema: str, files: Mapping[str, str | Se
 
 def files_sources(data_dir: str, schema: str, files: Mapping[str, str | Sequence[str]],
                   **kwargs) -> dict[str, JsonRecords]:
-  """{split: JsonRecords} of local files, building the dataset first if needed."""
+  """{split: JsonRecords} of local files, building the dataset first if needed; each carries
+  its split's read counts and first problems (see `JsonRecords`)."""
   builder = build_files_dataset(data_dir, schema, files, **kwargs)
-  return {name: JsonRecords(src) for name, src in builder.as_data_source().items()}
+  meta = builder.info.metadata or {}
+  out = {}
+  for name, src in builder.as_data_source().items():
+    read = meta.get(name) or {}
+    out[name] = JsonRecords(src, counts=read.get("counts"), problems=read.get("problems", ()))
+  return out
