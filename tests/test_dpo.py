@@ -126,10 +126,18 @@ def _cache_ctx(model, ref_workdir):
 
 
 def test_reference_cache_is_reused_only_for_the_reference_it_was_computed_with(tmp_path, tiny_llama,
-                                                                               caplog):
+                                                                               caplog, monkeypatch, request):
   import logging
 
+  from absl import logging as absl_logging
+
   from alignax import checkpoint as ckpt_lib
+  # Earlier tests may leave absl quieter or unpropagated; the messages checked here are INFO.
+  monkeypatch.setattr(logging.getLogger("absl"), "propagate", True)
+  monkeypatch.setattr(logging.getLogger("absl"), "disabled", False)
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  request.addfinalizer(lambda: absl_logging.set_verbosity(previous))
   ref_dir, path = str(tmp_path / "sft"), str(tmp_path / "reference_logps.npz")
   lm, params_a = build_lm(tiny_llama, seed=0)
   _, params_b = build_lm(tiny_llama, seed=1)
