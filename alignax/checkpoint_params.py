@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from alignax.checkpoint import CheckpointError
+from alignax.checkpoint import CheckpointError, saved_steps
 
 STATE_ITEM = "state"
 PARAMS_KEY = "params"
@@ -30,11 +30,7 @@ def checkpoints_dir(workdir: str) -> str:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Finished checkpoint steps of `workdir`, oldest first ([] without a checkpoints directory)."""
-  directory = checkpoints_dir(workdir)
-  if not os.path.isdir(directory):
-    return []
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
-    return sorted(manager.all_steps())
+  return saved_steps(checkpoints_dir(workdir))
 
 
 def pure_params(tree):

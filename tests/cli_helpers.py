@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,3 +79,12 @@ def comparable(rows: list[dict]) -> dict:
     kind = "eval" if any(k.startswith("eval/") for k in r) else "train"
     out[(r["step"], kind)] = {k: v for k, v in r.items() if k not in TIMING_FIELDS}
   return out
+
+
+def wait_for(predicate, timeout: float = 240.0, what: str = "") -> None:
+  """Polls `predicate` until it is true; TimeoutError after `timeout` seconds."""
+  t0 = time.time()
+  while not predicate():
+    if time.time() - t0 > timeout:
+      raise TimeoutError(f"waiting for {what}")
+    time.sleep(0.02)

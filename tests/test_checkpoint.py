@@ -22,14 +22,9 @@ from alignax.config import base_config
 from alignax.models import build_lm, llama_style
 from alignax.train.state import TrainState
 from cli_helpers import SMALL_PRETRAIN, comparable, last_step, metric_rows, run_cli, start_cli
+from cli_helpers import wait_for as _wait_for
 
 
-def _wait_for(predicate, timeout=240.0, what=""):
-  t0 = time.time()
-  while not predicate():
-    if time.time() - t0 > timeout:
-      raise TimeoutError(f"waiting for {what}")
-    time.sleep(0.02)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignax.algorithms import dpo
+from alignax.algorithms import dpo, reference_cache
 from alignax.data import pipeline
 from alignax.data.tokenizer import ByteTokenizer
 from alignax.models import build_lm
@@ -145,7 +145,7 @@ def test_reference_cache_is_reused_only_for_the_reference_it_was_computed_with(t
 
   def export(params):
     ckpt_lib.save_export(ref_dir, params, model=tiny_llama, stage="sft", tokenizer="bytes")
-    return dpo.reference_cache_key(ctx, RECORDS, COMMON)
+    return reference_cache.reference_cache_key(ctx, RECORDS, COMMON)
 
   def precompute(params, key):
     caplog.clear()
@@ -157,7 +157,7 @@ def test_reference_cache_is_reused_only_for_the_reference_it_was_computed_with(t
   assert np.all(np.isfinite(chosen_a)) and np.all(np.isfinite(rejected_a))
 
   # Nothing changed: the cache is used, not recomputed (params_b would give other values).
-  assert dpo.reference_cache_key(ctx, RECORDS, COMMON) == key_a
+  assert reference_cache.reference_cache_key(ctx, RECORDS, COMMON) == key_a
   chosen, rejected = precompute(params_b, key_a)
   np.testing.assert_array_equal(chosen, chosen_a)
   np.testing.assert_array_equal(rejected, rejected_a)
@@ -190,10 +190,10 @@ def test_reference_cache_key_covers_data_tokenizer_and_pipeline(tmp_path, tiny_l
   _, params = build_lm(tiny_llama, seed=0)
   ckpt_lib.save_export(ref_dir, params, model=tiny_llama, stage="sft", tokenizer="bytes")
   ctx = _cache_ctx(tiny_llama, ref_dir)
-  key = dpo.reference_cache_key(ctx, RECORDS, COMMON)
+  key = reference_cache.reference_cache_key(ctx, RECORDS, COMMON)
 
   def changed(**kw):
-    other = dpo.reference_cache_key(kw.get("ctx", ctx), kw.get("records", RECORDS), kw.get("common", COMMON))
+    other = reference_cache.reference_cache_key(kw.get("ctx", ctx), kw.get("records", RECORDS), kw.get("common", COMMON))
     return {k for k in key if key[k] != other[k]}
 
   edited = [dict(r) for r in RECORDS]

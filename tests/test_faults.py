@@ -244,16 +244,13 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_cli_runs_on_one_workdir_the_second_refuses(tmp_path):
-  from cli_helpers import last_step, start_cli
+  from cli_helpers import last_step, start_cli, wait_for
   workdir = str(tmp_path / "run")
   args = SMALL_PRETRAIN + ["--config.train.steps=2000", "--config.train.log_every=1",
                            "--config.train.eval_every=0", f"--config.workdir={workdir}"]
   first = start_cli(*args)
   try:
-    import time
-    t0 = time.time()
-    while last_step(workdir) < 1 and time.time() - t0 < 240 and first.poll() is None:
-      time.sleep(0.1)
+    wait_for(lambda: last_step(workdir) >= 1 or first.poll() is not None, what="the first run's step 1")
     second = run_cli(*args, check=False)
     assert second.returncode == 1
     assert f"is in use by process {first.pid} on this host" in second.stderr

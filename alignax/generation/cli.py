@@ -74,9 +74,7 @@ def lm_params(params: dict) -> dict:
 def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
   """{"blocks/attn/wq": shape} of a nested dict of arrays (path parts as strings, so an integer
   key and its string form name the same leaf)."""
-  def name(path):
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-  return {name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {ckpt_lib.leaf_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def load_policy(workdir: str):

@@ -396,70 +396,62 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
     for d in [group_dir] + [m.cfg.workdir for m in members]:
       held.enter_context(WorkdirLock(d, enabled=is_main))
     ckpt_lib.check_resume(group_dir, group_cfg)
-    results, finished, step = _train_group(members, models, names, cfgs, template, group_dir, group_cfg,
-                                           placement, inner, is_main, stop, build_run, export)
+    if is_main:
+      _check_members_file(group_dir, names, bool(template.train.resume))
+      log_to_file(group_dir)
+    logging.info("group %s: %d members of %s, mesh %s", group_dir, len(members), template.stage,
+                 parallel.describe(inner.mesh))
+
+    ctxs, runs = [], []
+    for i, (m, model) in enumerate(zip(members, models)):
+      if is_main:
+        save_config(m.cfg, m.cfg.workdir)
+      writer = metrics_lib.MetricsWriter(m.cfg.workdir, enabled=is_main)
+      ctx = StageContext(cfg=m.cfg, model=model, placement=inner, tokenizer=resolve_tokenizer(m.cfg),
+                         writer=writer, is_main=is_main)
+      runs.append(build_run(ctx))
+      ctxs.append(ctx)
+      if i == 0:  # the first member's size tells whether the group fits, before building the rest
+        line = check_memory(placement, tree_bytes(runs[0].state), tree_bytes(runs[0].state.params))
+        logging.info(line)
+        if is_main:
+          print(f"alignax: {line}", flush=True)
+    check_structure([r.state for r in runs], names)
+    states = []
+    for r, scale in zip(runs, _lr_scales(cfgs)):
+      hp = dict(r.state.hparams)
+      hp["lr_scale"] = hp["lr_scale"] * jnp.float32(scale)
+      states.append(r.state.replace(hparams=hp))
+    stacked = placement.put_state(jax.jit(lambda *s: stack(s))(*states))
+    for r in runs:
+      r.state = None  # the stacked copy is the only one kept
+    del states
+
+    writer = MemberWriter([c.writer for c in ctxs])
+    group_run = Run(name=f"{runs[0].name} x{len(runs)}", state=stacked, train_step=runs[0].train_step,
+                    batches=MemberBatches([r.batches for r in runs]), evaluate=_member_evaluate(runs),
+                    tokens_per_batch=_member_tokens(runs), total_steps=runs[0].total_steps,
+                    after_step=runs[0].after_step)
+    checkpointer = ckpt_lib.Checkpointer(group_dir, template.checkpoint, group_cfg,
+                                         state_sharding=placement.state_sharding,
+                                         resume=bool(template.train.resume))
+    try:
+      state = run_loop(group_run, template, placement=placement, checkpointer=checkpointer,
+                       writer=writer, is_main=is_main, stop_requested=stop.requested)
+      step = int(np.asarray(jax.device_get(state.step)).max())
+      finished = step >= group_run.total_steps
+      results = []
+      for i, ctx in enumerate(ctxs):
+        member_state = member_slice(state, i)
+        if finished and export is not None:
+          export(ctx, member_state)
+        results.append(StageResult(state=member_state, finished=finished, workdir=ctx.cfg.workdir))
+    finally:
+      checkpointer.close()
+      writer.close()
   if not finished:
     print(f"alignax: stopped at step {step} by a signal; the group's checkpoint is saved in "
           f"{group_dir}. Run the same command to resume.", file=sys.stderr)
   return results
 
-
-def _train_group(members, models, names, cfgs, template, group_dir, group_cfg, placement, inner,
-                 is_main, stop, build_run, export):
-  """Builds every member's run, stacks their states and trains the group (`run_members`'s body,
-  under its locks and signal handler). Returns (results, finished, step)."""
-  if is_main:
-    _check_members_file(group_dir, names, bool(template.train.resume))
-    log_to_file(group_dir)
-  logging.info("group %s: %d members of %s, mesh %s", group_dir, len(members), template.stage,
-               parallel.describe(inner.mesh))
-
-  ctxs, runs = [], []
-  for i, (m, model) in enumerate(zip(members, models)):
-    if is_main:
-      save_config(m.cfg, m.cfg.workdir)
-    writer = metrics_lib.MetricsWriter(m.cfg.workdir, enabled=is_main)
-    ctx = StageContext(cfg=m.cfg, model=model, placement=inner, tokenizer=resolve_tokenizer(m.cfg),
-                       writer=writer, is_main=is_main)
-    runs.append(build_run(ctx))
-    ctxs.append(ctx)
-    if i == 0:  # the first member's size tells whether the group fits, before building the rest
-      line = check_memory(placement, tree_bytes(runs[0].state), tree_bytes(runs[0].state.params))
-      logging.info(line)
-      if is_main:
-        print(f"alignax: {line}", flush=True)
-  check_structure([r.state for r in runs], names)
-  states = []
-  for r, scale in zip(runs, _lr_scales(cfgs)):
-    hp = dict(r.state.hparams)
-    hp["lr_scale"] = hp["lr_scale"] * jnp.float32(scale)
-    states.append(r.state.replace(hparams=hp))
-  stacked = placement.put_state(jax.jit(lambda *s: stack(s))(*states))
-  for r in runs:
-    r.state = None  # the stacked copy is the only one kept
-  del states
-
-  writer = MemberWriter([c.writer for c in ctxs])
-  group_run = Run(name=f"{runs[0].name} x{len(runs)}", state=stacked, train_step=runs[0].train_step,
-                  batches=MemberBatches([r.batches for r in runs]), evaluate=_member_evaluate(runs),
-                  tokens_per_batch=_member_tokens(runs), total_steps=runs[0].total_steps,
-                  after_step=runs[0].after_step)
-  checkpointer = ckpt_lib.Checkpointer(group_dir, template.checkpoint, group_cfg,
-                                       state_sharding=placement.state_sharding,
-                                       resume=bool(template.train.resume))
-  try:
-    state = run_loop(group_run, template, placement=placement, checkpointer=checkpointer,
-                     writer=writer, is_main=is_main, stop_requested=stop.requested)
-    step = int(np.asarray(jax.device_get(state.step)).max())
-    finished = step >= group_run.total_steps
-    results = []
-    for i, ctx in enumerate(ctxs):
-      member_state = member_slice(state, i)
-      if finished and export is not None:
-        export(ctx, member_state)
-      results.append(StageResult(state=member_state, finished=finished, workdir=ctx.cfg.workdir))
-  finally:
-    checkpointer.close()
-    writer.close()
-  return results, finished, step
 
