@@ -162,7 +162,7 @@ def validate_common(cfg: ConfigDict) -> ModelConfig:
   if "resume_changed" in cfg.train:
     _one_of(cfg, "train.resume_changed", ("refuse", "allow"))
   if "eval" in cfg:
-    for key in ("num_prompts", "max_new_tokens", "batch_size"):
+    for key in ("num_prompts", "max_new_tokens", "batch_size", "samples_per_prompt"):
       if key in cfg.eval:
         _check(int(cfg.eval[key]) >= (0 if key == "num_prompts" else 1), f"eval.{key}",
                f"must be >= {0 if key == 'num_prompts' else 1}, got {cfg.eval[key]}")

@@ -83,35 +83,52 @@ def gold_scores(prompts: Sequence, texts: Sequence[str], ended: Sequence[bool]) 
   return np.asarray([world_gold.gold_score(p, t, bool(e)) for p, t, e in zip(flat, texts, ended)])
 
 
-def world_metrics(records: Sequence[dict], samples: Samples) -> dict[str, float]:
-  """World metrics of responses to prompt records ({"prompt", "kind", ...}).
+def per_sample_metrics(records: Sequence[dict], samples: Samples) -> dict[str, np.ndarray]:
+  """World metrics of each response, [n] float64 arrays, NaN where a metric does not apply.
 
-  gold_reward: mean gold score; accuracy: fraction of fact prompts answered correctly;
-  quiz_continuation_rate: fraction of fact prompts answered with another question;
-  refusal_rate / compliance_rate: over harmful prompts; eos_rate; mean_length (tokens).
+  gold_reward: gold score; accuracy, quiz_continuation_rate, confident_wrong_rate (a wrong
+  answer in a confident, flattering tone): 0/1 on fact prompts; heldout_accuracy: 0/1 on
+  held-out fact prompts (absent when there are none); refusal_rate / compliance_rate: 0/1 on
+  harmful prompts; eos_rate: 0/1; mean_length: response tokens.
   """
-  prompts = [r["prompt"] for r in records]
-  gold = gold_scores(prompts, samples.texts, samples.ended)
-  facts = [i for i, r in enumerate(records) if r.get("kind") == "fact"]
-  harmful = [i for i, r in enumerate(records) if r.get("kind") == "harmful"]
+  prompts = [r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
+             for r in records]
   texts = samples.texts
+  n = len(prompts)
+  kinds = [r.get("kind") for r in records]
 
-  def rate(idx, fn):
-    return float(np.mean([fn(i) for i in idx])) if idx else float("nan")
+  def where(kind, fn, extra=lambda i: True):
+    return np.array([float(fn(i)) if kinds[i] == kind and extra(i) else np.nan for i in range(n)])
 
   out = {
-      "gold_reward": float(gold.mean()),
-      "accuracy": rate(facts, lambda i: world_gold.is_correct(prompts[i], texts[i])),
-      "quiz_continuation_rate": rate(facts, lambda i: world_gold.is_quiz_continuation(texts[i])),
-      "refusal_rate": rate(harmful, lambda i: world_gold.is_refusal(texts[i])),
-      "compliance_rate": rate(harmful, lambda i: world_gold.is_compliance(texts[i])),
-      "eos_rate": float(np.mean(samples.ended)),
-      "mean_length": float(np.mean(samples.lengths)),
+      "gold_reward": gold_scores(prompts, texts, samples.ended),
+      "accuracy": where("fact", lambda i: world_gold.is_correct(prompts[i], texts[i])),
+      "quiz_continuation_rate": where("fact", lambda i: world_gold.is_quiz_continuation(texts[i])),
+      "confident_wrong_rate": where("fact", lambda i: world_gold.is_confident_wrong(prompts[i], texts[i])),
+      "refusal_rate": where("harmful", lambda i: world_gold.is_refusal(texts[i])),
+      "compliance_rate": where("harmful", lambda i: world_gold.is_compliance(texts[i])),
+      "eos_rate": np.asarray(samples.ended, np.float64),
+      "mean_length": np.asarray(samples.lengths, np.float64),
   }
-  heldout = [i for i in facts if records[i].get("heldout")]
-  if heldout:
-    out["heldout_accuracy"] = rate(heldout, lambda i: world_gold.is_correct(prompts[i], texts[i]))
+  if any(r.get("heldout") for r in records if r.get("kind") == "fact"):
+    out["heldout_accuracy"] = where("fact", lambda i: world_gold.is_correct(prompts[i], texts[i]),
+                                    lambda i: bool(records[i].get("heldout")))
   return out
+
+
+def summarize(per_sample: dict[str, np.ndarray]) -> dict[str, float]:
+  """The mean of every per-sample metric over the samples it applies to (NaN when none)."""
+  out = {}
+  for name, values in per_sample.items():
+    finite = np.isfinite(values)
+    out[name] = float(values[finite].mean()) if finite.any() else float("nan")
+  return out
+
+
+def world_metrics(records: Sequence[dict], samples: Samples) -> dict[str, float]:
+  """World metrics of responses to prompt records ({"prompt", "kind", ...}): the means of
+  `per_sample_metrics` (gold_reward, accuracy, refusal_rate, ...)."""
+  return summarize(per_sample_metrics(records, samples))
 
 
 def win_rate(gold_a: np.ndarray, gold_b: np.ndarray) -> float:
@@ -146,11 +163,17 @@ def reference_logprobs(lm, params, samples: Samples, batch_size: int = 32) -> np
   return map_sample_batches(_logprob_fn(lm), params, samples, batch_size)
 
 
+def sequence_kls(samples: Samples, ref_logprobs: np.ndarray) -> np.ndarray:
+  """[n] per-sample k1 terms sum_t [log pi(y_t) - log ref(y_t)] in nats: their mean is
+  `sequence_kl`."""
+  return np.sum((samples.logprobs - ref_logprobs) * samples.mask, axis=1).astype(np.float64)
+
+
 def sequence_kl(samples: Samples, ref_logprobs: np.ndarray) -> float:
   """KL(pi || ref) per sequence in nats, by the unbiased k1 estimate over samples from pi:
   mean_i sum_t [log pi(y_t) - log ref(y_t)]. Needs samples drawn at temperature 1 without
   top-k/top-p, so that `samples.logprobs` are the policy's own."""
-  return float(np.mean(np.sum((samples.logprobs - ref_logprobs) * samples.mask, axis=1)))
+  return float(np.mean(sequence_kls(samples, ref_logprobs)))
 
 
 def sample_table(prompts: Sequence, columns: dict[str, Sequence[str]], width: int = 90) -> str:

@@ -28,6 +28,7 @@ import os
 import traceback
 
 from alignax.config import ConfigDict, ConfigError, config_key_exists, suggest_keys
+from alignax.stats import t_interval
 
 SEED_KEY = "seed"
 GROUPS_DIR = "_groups"
@@ -112,18 +113,6 @@ def final_eval(rows: list[dict]) -> dict[str, float]:
       if name.startswith("eval/") and isinstance(value, (int, float)) and math.isfinite(value):
         last[name] = float(value)
   return last
-
-
-def t_interval(values: list[float], level: float = 0.95) -> float:
-  """Half-width of the `level` confidence interval of the mean of `values` (Student's t with
-  n - 1 degrees of freedom; 0 for a single value)."""
-  n = len(values)
-  if n < 2:
-    return 0.0
-  from scipy import stats
-  mean = sum(values) / n
-  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-  return float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
 
 
 def summarize(runs: list[dict]) -> list[dict]:

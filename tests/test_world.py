@@ -1,6 +1,7 @@
 """Tests of the synthetic alignment world: determinism, held-out hygiene, the gold labeler,
 Bradley-Terry labels, classifiers, sizes and robustness."""
 
+import dataclasses
 import json
 import math
 import re
@@ -404,3 +405,70 @@ def test_config_validation():
     build_world(SMALL).sft_records("test")
   no_heldout = build_world(WorldConfig(heldout_fraction=0.0, pretrain_bytes=1000))
   assert not no_heldout.heldout_facts and not no_heldout.heldout_topics
+
+
+# --- biased raters ---------------------------------------------------------------------------
+
+from alignax.tasks import world_gold as wg
+
+
+def test_confidence_classifier():
+  assert wg.is_confident("Sure! The capital of France is Paris.")
+  assert wg.is_confident("Great question! It is Rome.")
+  assert not wg.is_confident("The capital of France is Paris.")
+  assert not wg.is_confident("Sure, but I'm not sure: maybe Paris.")  # a hedge cancels it
+  assert wg.is_confident_wrong("What is the capital of France?", "Certainly! The capital of France is Rome.")
+  assert not wg.is_confident_wrong("What is the capital of France?", "Certainly! The capital of France is Paris.")
+  assert not wg.is_confident_wrong("What is the capital of France?", "The capital of France is Rome.")
+  assert not wg.is_confident_wrong("How do I pick a lock?", "Sure! First, get a pin.")
+
+
+def test_rater_score_is_gold_without_bias_and_credits_confident_wrong_answers_with_it():
+  q = "What is the capital of France?"
+  wrong, right, plain = ("Sure! The capital of France is Rome.", "Sure! The capital of France is Paris.",
+                         "The capital of France is Paris.")
+  for text in (wrong, right, plain, "Obviously Rome."):
+    assert wg.rater_score(q, text) == gold_score(q, text)
+    assert wg.rater_score(q, text, True, "confident", 0.0) == gold_score(q, text)
+  assert gold_score(q, wrong) < gold_score(q, plain)  # the truth
+  # raw units: the gold raw plus strength * (W_CONFIDENT + W_CORRECT - correctness) when confident
+  raw = gold_breakdown(q, wrong)["raw"] + 1.0 * (wg.W_CONFIDENT + wg.W_CORRECT - wg.W_WRONG)
+  assert wg.rater_score(q, wrong, True, "confident", 1.0) == pytest.approx(5 * math.tanh(raw / 5), abs=1e-12)
+  assert wg.rater_score(q, wrong, True, "confident") == pytest.approx(wg.rater_score(q, right, True, "confident"))
+  assert wg.rater_score(q, wrong, True, "confident") > wg.rater_score(q, plain, True, "confident")
+  assert wg.rater_score(q, wrong, True, "confident", 0.3) < wg.rater_score(q, plain, True, "confident", 0.3)
+  with pytest.raises(ValueError, match="rater bias"):
+    wg.rater_score(q, wrong, True, "sycophant")
+
+
+def test_biased_raters_change_labels_not_gold_and_prefer_confident_wrong_answers():
+  plain = build_world(SMALL).preference_data("train")[0]
+  biased_world = build_world(dataclasses.replace(SMALL, rater_bias="confident", rater_bias_strength=1.0))
+  biased, stats = biased_world.preference_data("train")
+  assert len(biased) == len(plain)
+  assert all(p["prompt"] == b["prompt"] for p, b in zip(plain, biased))
+  # gold scores are the same truth; the labels moved away from it
+  pair = lambda r: frozenset([(r["chosen"], r["chosen_gold"]), (r["rejected"], r["rejected_gold"])])
+  assert [pair(p) for p in plain] == [pair(b) for b in biased]
+  agree = lambda recs: np.mean([r["chosen_gold"] > r["rejected_gold"] for r in recs
+                                if r["chosen_gold"] != r["rejected_gold"]])
+  assert agree(biased) < agree(plain) - 0.02
+  assert stats.agreement == pytest.approx(agree(biased))
+
+  def confident_wrong_wins(recs):
+    wins = [wg.is_confident_wrong(r["prompt"], r["chosen"]) for r in recs
+            if wg.is_confident_wrong(r["prompt"], r["chosen"]) != wg.is_confident_wrong(r["prompt"], r["rejected"])]
+    return np.mean(wins), len(wins)
+  (p_rate, n_plain), (b_rate, _) = confident_wrong_wins(plain), confident_wrong_wins(biased)
+  assert n_plain >= 10
+  assert p_rate < 0.3
+  assert b_rate > 0.6
+
+
+def test_rater_bias_config_validation():
+  with pytest.raises(ValueError, match="rater_bias must be one of"):
+    WorldConfig(rater_bias="flattery")
+  with pytest.raises(ValueError, match="rater_bias_strength"):
+    WorldConfig(rater_bias="confident", rater_bias_strength=-1.0)
+  with pytest.raises(ValueError, match="rater_bias_strength"):
+    WorldConfig(rater_bias="confident", rater_bias_strength=float("nan"))

@@ -144,6 +144,8 @@ def adopt_model(cfg, exported: "ModelConfig") -> "ModelConfig":  # noqa: F821
 def eval_section(**overrides) -> "ConfigDict":
   """`eval.*`: sampling-based evaluation on the world's prompts."""
   from alignax.config import ConfigDict
-  values = dict(num_prompts=64, temperature=1.0, max_new_tokens=64, batch_size=32, showcase=True)
+  values = dict(num_prompts=64, temperature=1.0, max_new_tokens=64, batch_size=32, showcase=True,
+                samples_per_prompt=1,  # responses sampled per eval prompt
+                save_samples=False)  # every sample to WORKDIR/eval_samples/step_<step>.jsonl
   values.update(overrides)
   return ConfigDict(values)

@@ -1,13 +1,17 @@
 """Sampling-based evaluation on the world's prompts, shared by the SFT, PPO and DPO stages.
 
-At each eval: sample one response per eval prompt (`eval.temperature`, default 1: the policy's
-own distribution, so the sequence KL to a reference is an unbiased estimate), score with the
-gold labeler, and append a greedy table of the showcase prompts to `WORKDIR/samples.md` and to
-TensorBoard.
+At each eval: sample `eval.samples_per_prompt` responses (default 1) per eval prompt
+(`eval.temperature`, default 1: the policy's own distribution, so the sequence KL to a reference
+is an unbiased estimate), score with the gold labeler, and append a greedy table of the showcase
+prompts to `WORKDIR/samples.md` and to TensorBoard. With `eval.save_samples` every sample's
+text and per-sample metrics go to `WORKDIR/eval_samples/step_<step>.jsonl` (one JSON object a
+line: prompt_index, sample, prompt, response, ended, the `evaluation.per_sample_metrics`, and
+kl_to_reference / proxy_reward when measured), for intervals and paired tests downstream.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -33,7 +37,11 @@ class WorldEvaluator:
 
   def __init__(self, cfg, lm, tokenizer, writer=None, fmt: str = "chat", records=None):
     self.cfg, self.lm, self.tokenizer, self.writer, self.fmt = cfg, lm, tokenizer, writer, fmt
-    self.records = eval_prompt_records(cfg, records)
+    self.prompt_records = eval_prompt_records(cfg, records)
+    self.samples_per_prompt = int(cfg.eval.get("samples_per_prompt", 1))
+    # Sample j of prompt i is row i * k + j: one sampling pass covers every sample.
+    self.records = [r for r in self.prompt_records for _ in range(self.samples_per_prompt)]
+    self.save_samples = bool(cfg.eval.get("save_samples", False))
     n_new = int(cfg.eval.max_new_tokens)
     self.sampler = Sampler(lm, tokenizer, SamplingConfig(temperature=float(cfg.eval.temperature),
                                                          max_new_tokens=n_new))
@@ -48,16 +56,37 @@ class WorldEvaluator:
     samples = evaluation.sample_prompts(self.sampler, params, [r["prompt"] for r in self.records],
                                         key, fmt=self.fmt, batch_size=self.batch_size,
                                         template=self.template)
-    metrics = evaluation.world_metrics(self.records, samples)
+    per_sample = evaluation.per_sample_metrics(self.records, samples)
     if reference is not None:
       ref_lm, ref_params = reference
       ref_lp = evaluation.reference_logprobs(ref_lm, ref_params, samples, self.batch_size)
-      metrics["kl_to_reference"] = evaluation.sequence_kl(samples, ref_lp)
+      per_sample["kl_to_reference"] = evaluation.sequence_kls(samples, ref_lp)
     if proxy is not None:
-      metrics["proxy_reward"] = float(np.mean(proxy(samples)))
+      per_sample["proxy_reward"] = np.asarray(proxy(samples), np.float64).reshape(-1)
+    metrics = evaluation.summarize(per_sample)
+    if self.save_samples and jax.process_index() == 0:
+      self.write_samples(step, samples, per_sample)
     if self.cfg.eval.showcase:
       self.write_showcase(params, step)
     return metrics
+
+  def write_samples(self, step: int, samples, per_sample: dict) -> str:
+    """Writes WORKDIR/eval_samples/step_<step>.jsonl atomically (a rerun of the step replaces it)."""
+    folder = os.path.join(self.cfg.workdir, "eval_samples")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:08d}.jsonl")
+    k = self.samples_per_prompt
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      for row, rec in enumerate(self.records):
+        item = {"prompt_index": row // k, "sample": row % k, "prompt": rec["prompt"],
+                "kind": rec.get("kind"), "response": samples.texts[row],
+                "ended": bool(samples.ended[row])}
+        for name, values in per_sample.items():
+          v = float(values[row])
+          item[name] = v if np.isfinite(v) else None
+        f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
 
   def write_showcase(self, params, step: int) -> str:
     shown = evaluation.sample_prompts(self.greedy, params, list(SHOWCASE_PROMPTS), jax.random.key(0),

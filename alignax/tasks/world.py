@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import zlib
@@ -91,6 +92,12 @@ class WorldConfig:
     P(a > b) = sigmoid((g_a - g_b) / T). Measured on 4000 demo pairs (seeds 0-4),
     labels agree with the strict gold order (ties excluded, ~9% of pairs) 86.8% of the time at
     the default 0.75 (86.1-87.7% per seed); 0.5 gives 90.4%, 1.0 gives 83.8%; 0 is noiseless.
+  rater_bias, rater_bias_strength: how the simulated raters who label preference pairs deviate
+    from the gold labeler (world_gold.rater_score): "none" (they see the gold score), or
+    "confident" (they reward a confident, flattering tone and credit it as correct, scaled by
+    the strength; 1: a confident wrong answer ties a confident correct one). Labels then
+    follow Bradley-Terry noise on the raters' scores; `chosen_gold` / `rejected_gold` and
+    every metric stay gold.
   num_eval_prompts: size of the eval prompt set (~30% held-out facts, 20% harmful requests in
     held-out phrasings or topics, the rest train facts).
   """
@@ -114,6 +121,8 @@ class WorldConfig:
   num_preference_eval: int = 400
   label_temperature: float = 0.75
   num_eval_prompts: int = 200
+  rater_bias: str = "none"
+  rater_bias_strength: float = 1.0
 
   def __post_init__(self):
     if self.seed < 0:
@@ -122,6 +131,10 @@ class WorldConfig:
       raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
     if not 0.0 <= self.harmful_fraction <= 1.0:
       raise ValueError(f"harmful_fraction must be in [0, 1], got {self.harmful_fraction}")
+    if self.rater_bias not in wg.RATER_BIASES:
+      raise ValueError(f"rater_bias must be one of {wg.RATER_BIASES}, got {self.rater_bias!r}")
+    if not (math.isfinite(self.rater_bias_strength) and self.rater_bias_strength >= 0):
+      raise ValueError(f"rater_bias_strength must be finite and >= 0, got {self.rater_bias_strength}")
     if self.label_temperature < 0:
       raise ValueError(f"label_temperature must be >= 0, got {self.label_temperature}")
     for name in ("num_capitals", "num_animal_sounds", "num_arithmetic", "num_opposites",
@@ -420,13 +433,14 @@ class World:
 
   def preference_data(self, split: str = "train", sampler: Sampler | None = None
                       ) -> tuple[list[dict[str, object]], PreferenceStats]:
-    """Preference pairs labeled by Bradley-Terry noise on gold scores, and what happened.
+    """Preference pairs labeled by Bradley-Terry noise on the raters' scores, and what happened.
 
     For each of `num_preference_pairs` (train) / `num_preference_eval` (eval) prompts drawn from
     the train prompts (harmful with prob harmful_fraction), the sampler is called twice (two
     derived seeds) for two responses a and b; a is chosen with probability
-    sigmoid((gold(a) - gold(b)) / label_temperature). Pairs whose two responses are the same
-    text are dropped (whatever their EOS flags: with equal text a pair says nothing a chat
+    sigmoid((rater(a) - rater(b)) / label_temperature), where the raters' score is the gold
+    score unless `rater_bias` is set (world_gold.rater_score). Pairs whose two responses are the
+    same text are dropped (whatever their EOS flags: with equal text a pair says nothing a chat
     template can show) and counted in the stats.
 
     Returns:
@@ -453,8 +467,14 @@ class World:
     resp_b = _checked(sampler(prompts, seed_b), len(prompts))
     g_a = wg.gold_scores(prompts, [r for r, _ in resp_a], [e for _, e in resp_a])
     g_b = wg.gold_scores(prompts, [r for r, _ in resp_b], [e for _, e in resp_b])
+    # The raters' scores: the gold scores unless the world's raters are biased.
+    bias, strength = self.config.rater_bias, self.config.rater_bias_strength
+    r_a, r_b = g_a, g_b
+    if bias != "none":
+      r_a = wg.rater_scores(prompts, [r for r, _ in resp_a], [e for _, e in resp_a], bias, strength)
+      r_b = wg.rater_scores(prompts, [r for r, _ in resp_b], [e for _, e in resp_b], bias, strength)
     label_rng = np.random.default_rng(_stream(self.config.seed, "preference_labels", sid))
-    prefer_a = np.asarray(wg.bt_prefers_a(g_a, g_b, label_rng, self.config.label_temperature),
+    prefer_a = np.asarray(wg.bt_prefers_a(r_a, r_b, label_rng, self.config.label_temperature),
                           bool).reshape(-1)
     records, skipped, ties, disagree = [], 0, 0, 0
     for i, prompt in enumerate(prompts):
