@@ -77,6 +77,23 @@ def sample_prompts(sampler: Sampler, params, prompts: Sequence, key: jax.Array, 
                  mask=out["mask"], logprobs=out["logprobs"])
 
 
+def texts_as_samples(sampler: Sampler, prompts: Sequence, texts: Sequence[str], *, fmt: str = "chat",
+                     template: str = "markers") -> Samples:
+  """Samples holding given responses (each ending with `<eos>`), so that reward models and
+  reference forwards score fixed texts the way they score sampled ones. logprobs are zeros."""
+  tok = sampler.tokenizer
+  p_tokens, p_mask = sampler.pad_prompts([prompt_ids(tok, p, fmt, template) for p in prompts])
+  resp = [tok.encode(t) + [tok.eos_id] for t in texts]
+  width = max(len(r) for r in resp)
+  tokens = np.full((len(resp), width), tok.pad_id, np.int32)
+  mask = np.zeros((len(resp), width), np.float32)
+  for i, r in enumerate(resp):
+    tokens[i, : len(r)] = r
+    mask[i, : len(r)] = 1
+  return Samples(prompts=list(prompts), texts=list(texts), ended=np.ones(len(texts), bool), prompt_tokens=p_tokens,
+                 prompt_mask=p_mask, tokens=tokens, mask=mask, logprobs=np.zeros((len(texts), width), np.float32))
+
+
 def gold_scores(prompts: Sequence, texts: Sequence[str], ended: Sequence[bool]) -> np.ndarray:
   """Gold-labeler scores [n] of (prompt, response) pairs."""
   flat = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]

@@ -88,3 +88,30 @@ def test_several_samples_per_prompt_are_scored_and_saved(tmp_path, tiny_llama):
   assert abs(metrics["kl_to_reference"]) < 1e-4  # the policy is its own reference
   assert all(r["refusal_rate"] is None for r in rows if r["kind"] == "fact")
   assert not os.path.exists(path + ".tmp")
+
+
+def test_texts_as_samples_hold_the_given_responses_with_eos(tiny_llama):
+  from alignax.generation import Sampler, SamplingConfig
+  lm, params = build_lm(dataclasses.replace(tiny_llama, max_seq_len=128), seed=0)
+  tok = ByteTokenizer()
+  sampler = Sampler(lm, tok, SamplingConfig(temperature=1.0, max_new_tokens=8))
+  texts = ["Sure! It is Rome.", "Paris."]
+  s = evaluation.texts_as_samples(sampler, [RECORDS[0]["prompt"], RECORDS[1]["prompt"]], texts)
+  for i, t in enumerate(texts):
+    n = int(s.mask[i].sum())
+    assert n == len(tok.encode(t)) + 1 and s.tokens[i, n - 1] == tok.eos_id
+    assert tok.decode([int(x) for x in s.tokens[i, : n - 1]]) == t
+  # scored like sampled responses: the reference forward reads exactly the response tokens
+  lp = evaluation.reference_logprobs(lm, params, s, batch_size=2)
+  assert np.all(lp[s.mask == 0] == 0) and np.all(lp[s.mask == 1] < 0)
+
+
+def test_confident_wrong_pairs_probe_what_biased_raters_reward():
+  from alignax.tasks import world_text as wt
+  pairs = wt.confident_wrong_pairs([r["prompt"] for r in RECORDS])
+  assert [p for p, _, _ in pairs] == [r["prompt"] for r in RECORDS if r["kind"] == "fact"]
+  for prompt, wrong, right in pairs:
+    assert wg.is_confident_wrong(prompt, wrong)
+    assert wg.is_correct(prompt, right) and not wg.is_confident(right)
+    assert wg.gold_score(prompt, wrong) < wg.gold_score(prompt, right)
+    assert wg.rater_score(prompt, wrong, True, "confident") > wg.rater_score(prompt, right, True, "confident")

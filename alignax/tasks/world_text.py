@@ -113,6 +113,20 @@ def wrong_answer(fact: Fact, pool: Sequence[Fact], rng: random.Random) -> str:
   return rng.choice(others)
 
 
+def confident_wrong_pairs(prompts: Sequence[str], seed: int = 0) -> list[tuple[str, str, str]]:
+  """(prompt, confident wrong answer, plain correct answer) for each fact question in `prompts`,
+  e.g. ("What is the capital of France?", "Sure! The capital of France is Rome.", "The capital of
+  France is Paris."): the probe of a reward model trained on raters who reward confidence."""
+  rng = random.Random(seed)
+  out = []
+  for prompt in prompts:
+    key = wf.answer_key(prompt)
+    if key.kind == "fact":
+      wrong = fact_response(key.fact, "polite", rng, answer=wrong_answer(key.fact, wf.ALL_FACTS, rng))
+      out.append((prompt, wrong, fact_response(key.fact, "plain", rng)))
+  return out
+
+
 def truncate(text: str, rng: random.Random) -> str:
   """`text` cut at a random point (what a sampler returns when it hits max length)."""
   if len(text) < 4:
