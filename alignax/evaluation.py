@@ -94,6 +94,22 @@ def texts_as_samples(sampler: Sampler, prompts: Sequence, texts: Sequence[str], 
                  prompt_mask=p_mask, tokens=tokens, mask=mask, logprobs=np.zeros((len(texts), width), np.float32))
 
 
+def confident_wrong_preferences(sampler: Sampler, prompts: Sequence[str], score, *,
+                                template: str = "markers") -> np.ndarray:
+  """[n] 1.0 where `score` (Samples -> [n] rewards, e.g. a reward model's) puts a confident wrong
+  answer above a plain correct one, over the n fact questions among `prompts`
+  (`world_text.confident_wrong_pairs`); what a reward model learns from raters who reward
+  confidence (`world.rater_bias=confident`)."""
+  from alignax.tasks.world_text import confident_wrong_pairs
+  pairs = confident_wrong_pairs(prompts)
+  if not pairs:
+    return np.zeros(0)
+  asked = [p for p, _, _ in pairs]
+  wrong = score(texts_as_samples(sampler, asked, [w for _, w, _ in pairs], template=template))
+  right = score(texts_as_samples(sampler, asked, [r for _, _, r in pairs], template=template))
+  return (np.asarray(wrong) > np.asarray(right)).astype(np.float64)
+
+
 def gold_scores(prompts: Sequence, texts: Sequence[str], ended: Sequence[bool]) -> np.ndarray:
   """Gold-labeler scores [n] of (prompt, response) pairs."""
   flat = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
@@ -134,11 +150,12 @@ def per_sample_metrics(records: Sequence[dict], samples: Samples) -> dict[str, n
 
 
 def summarize(per_sample: dict[str, np.ndarray]) -> dict[str, float]:
-  """The mean of every per-sample metric over the samples it applies to (NaN when none)."""
+  """The mean of every per-sample metric over the samples it applies to (NaN when none; an
+  infinite value stays in, so the mean shows it)."""
   out = {}
   for name, values in per_sample.items():
-    finite = np.isfinite(values)
-    out[name] = float(values[finite].mean()) if finite.any() else float("nan")
+    applies = ~np.isnan(values)
+    out[name] = float(values[applies].mean()) if applies.any() else float("nan")
   return out
 
 

@@ -8,7 +8,7 @@ Pure numpy functions of arrays; every random draw comes from the `seed` argument
   alpha, beta = fit_gao(d, reward - reward_at_0, form="rl")   # Gao et al. 2022
 
 Values may hold NaN where a metric does not apply to a sample (accuracy on a harmful prompt);
-every statistic ignores them (`np.nanmean`).
+every statistic ignores them (`np.nanmean`). An infinite value is kept: the mean it makes shows it.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _draw(levels, rows: np.ndarray, mult: float, out: np.ndarray, rng) -> None:
 
 
 def _weighted_nanmean(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-  ok = np.isfinite(values)
+  ok = ~np.isnan(values)
   w = weights * ok
   total = w.sum(axis=-1)
   with np.errstate(invalid="ignore", divide="ignore"):
@@ -112,10 +112,10 @@ def bootstrap_ci(values, clusters=None, level: float = LEVEL, num_resamples: int
   first). (nan, nan) when no value is finite.
   """
   values = np.asarray(values, np.float64).reshape(-1)
-  if not np.isfinite(values).any():
+  if np.isnan(values).all():
     return float("nan"), float("nan")
   reps = bootstrap_means(values, clusters, num_resamples, seed)
-  reps = reps[np.isfinite(reps)]
+  reps = reps[~np.isnan(reps)]
   tail = 100 * (1 - level) / 2
   return float(np.percentile(reps, tail)), float(np.percentile(reps, 100 - tail))
 
@@ -131,11 +131,11 @@ def with_intervals(per_sample: dict[str, np.ndarray], clusters=None, level: floa
   suffix = f"_ci{round(100 * level)}"
   for name, values in per_sample.items():
     values = np.asarray(values, np.float64).reshape(-1)
-    finite = np.isfinite(values)
-    out[name] = float(values[finite].mean()) if finite.any() else float("nan")
-    if finite.any():
+    applies = ~np.isnan(values)
+    out[name] = float(values[applies].mean()) if applies.any() else float("nan")
+    if applies.any():
       reps = _weighted_nanmean(values[None, :], w)
-      reps = reps[np.isfinite(reps)]
+      reps = reps[~np.isnan(reps)]
       out[name + suffix] = [float(np.percentile(reps, tail)), float(np.percentile(reps, 100 - tail))]
     else:
       out[name + suffix] = [float("nan"), float("nan")]

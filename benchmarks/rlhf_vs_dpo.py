@@ -74,6 +74,8 @@ _OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra overrides KEY=VALUE on 
                                        "(e.g. --set=dpo.train.batch_size=8).")
 
 RL_METHODS = ("ppo", "grpo", "rloo")
+QUICK_WORLD = dict(pretrain_bytes=300_000, pretrain_eval_bytes=20_000, num_sft=600, num_sft_eval=100,
+                   num_preference_pairs=1200, num_preference_eval=100, num_eval_prompts=48)
 LEVEL = 0.95
 
 
@@ -274,7 +276,8 @@ class SFTSampler:
     self.records = sorted(eval_prompt_records(scfg), key=lambda r: r["prompt"])
     self.tok = resolve_tokenizer(scfg)
     self.lm, self.params = load_lm(sft_dir)
-    self.sampler = Sampler(self.lm, self.tok, SamplingConfig(temperature=1.0, max_new_tokens=int(scfg.eval.max_new_tokens)))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=int(scfg.eval.max_new_tokens))
+    self.sampler = Sampler(self.lm, self.tok, sampling)
     self.template = ckpt_lib.read_export_meta(sft_dir).get("chat_template", "markers")
     self.key = jax.random.key(int(cfg.seed) + 2024)
 
@@ -319,15 +322,12 @@ def best_of_n(sft: SFTSampler, m: int, reward_dirs: dict[str, tuple[str, str]], 
 def confident_wrong_preference(sft: SFTSampler, reward_dir: str, mode: str = "mean") -> dict:
   """How often the reward model scores a confident wrong answer ("Sure! The capital of France is
   Rome.") above a plain correct one ("The capital of France is Paris.") on the eval fact prompts."""
-  import numpy as np
   from alignax import evaluation, stats
-  from alignax.tasks import world_text as wt
-  pairs = wt.confident_wrong_pairs([r["prompt"] for r in sft.records])
-  prompts = [p for p, _, _ in pairs]
-  scores = [proxy_scores(reward_dir, evaluation.texts_as_samples(sft.sampler, prompts, [x[i] for x in pairs],
-                                                                 template=sft.template), mode) for i in (1, 2)]
-  prefers = (scores[0] > scores[1]).astype(np.float64)
-  return {"rate": float(prefers.mean()), "ci95": list(stats.bootstrap_ci(prefers)), "pairs": len(prompts)}
+  from alignax.algorithms.reward import load_reward_model, score_samples
+  model, params, _ = load_reward_model(reward_dir, mode=mode, coef=1.0)
+  prefers = evaluation.confident_wrong_preferences(sft.sampler, [r["prompt"] for r in sft.records],
+                                                   lambda s: score_samples(model, params, s, 64), template=sft.template)
+  return {"rate": float(prefers.mean()), "ci95": list(stats.bootstrap_ci(prefers)), "pairs": len(prefers)}
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -434,7 +434,8 @@ def fits(experiment: str, ckpt_rows: list[dict], bon_rows: list[dict], sft_gold_
                   "lo": band["lo"].tolist(), "hi": band["hi"].tolist(),
                   "start": float(np.mean([r[target] for r in start.values()]))})
   for method in sorted({r["method"] for r in bon_rows if r["experiment"] == experiment}):
-    mine = sorted((r for r in bon_rows if r["experiment"] == experiment and r["method"] == method), key=lambda r: r["n"])
+    mine = sorted((r for r in bon_rows if r["experiment"] == experiment and r["method"] == method),
+                  key=lambda r: r["n"])
     d = np.sqrt([r["kl"] for r in mine])
     grid = np.linspace(0, float(d.max()), 40)
     for target in ("gold_reward", "proxy_reward"):
@@ -459,7 +460,8 @@ def plot_frontier(path: str, experiment: str, ckpt_rows, bon_rows, fit_rows, tit
   import matplotlib.pyplot as plt
   import numpy as np
   rows = [r for r in ckpt_rows if r["experiment"] == experiment]
-  methods = sorted({r["method"] for r in rows}) + sorted({r["method"] for r in bon_rows if r["experiment"] == experiment})
+  methods = (sorted({r["method"] for r in rows})
+             + sorted({r["method"] for r in bon_rows if r["experiment"] == experiment}))
   colors = _colors(methods)
   fig, ax = plt.subplots(figsize=(7, 5))
   for m in methods:
@@ -471,7 +473,8 @@ def plot_frontier(path: str, experiment: str, ckpt_rows, bon_rows, fit_rows, tit
         kl = np.square(f["d"])
         ax.plot(kl, f["start"] + np.array(f["fit"]), color=colors[m], label=f"{m} (fit: {f['form']} form)")
         if "lo" in f:
-          ax.fill_between(kl, f["start"] + np.array(f["lo"]), f["start"] + np.array(f["hi"]), color=colors[m], alpha=0.15)
+          ax.fill_between(kl, f["start"] + np.array(f["lo"]), f["start"] + np.array(f["hi"]), color=colors[m],
+                          alpha=0.15)
     bon = sorted((r for r in bon_rows if r["experiment"] == experiment and r["method"] == m), key=lambda r: r["n"])
     if bon:
       ax.errorbar([r["kl"] for r in bon], [r["gold_reward"] for r in bon],
@@ -501,7 +504,8 @@ def plot_overopt(path: str, experiment: str, ckpt_rows, bon_rows, fit_rows, meth
                            squeeze=False)
   for ax, m in zip(axes[0], methods):
     for target, color in (("proxy_reward", "tab:orange"), ("gold_reward", "tab:blue")):
-      f = next((f for f in fit_rows if f["experiment"] == experiment and f["method"] == m and f["target"] == target), None)
+      f = next((f for f in fit_rows
+                if f["experiment"] == experiment and f["method"] == m and f["target"] == target), None)
       if f is None:
         continue
       if f["form"] == "bon":
@@ -510,8 +514,8 @@ def plot_overopt(path: str, experiment: str, ckpt_rows, bon_rows, fit_rows, meth
       else:
         pts = [r for r in ckpt_rows if r["experiment"] == experiment and r["method"] == m]
         start = {(r["setting"], r["seed"]): r[target] for r in pts if r["step"] == 0}
-        ax.scatter(np.sqrt(np.maximum([r["kl"] for r in pts], 0)), [r[target] - start.get((r["setting"], r["seed"]), np.nan)
-                   for r in pts], s=6, alpha=0.4, color=color)
+        gains = [r[target] - start.get((r["setting"], r["seed"]), np.nan) for r in pts]
+        ax.scatter(np.sqrt(np.maximum([r["kl"] for r in pts], 0)), gains, s=6, alpha=0.4, color=color)
         ax.fill_between(f["d"], f["lo"], f["hi"], color=color, alpha=0.15)
       ax.plot(f["d"], f["fit"], color=color, label=f"{target.split('_')[0]}: a={f['alpha']:.2f}, b={f['beta']:.2f}")
     ax.set_title(m, fontsize=10)
@@ -598,7 +602,9 @@ def main(_):
     if method not in RL_METHODS and method != "dpo" and method not in LOSS_TYPES:
       raise SystemExit(f"--methods: unknown method {method!r}")
   cfg = pipeline_config(_BASE.value, _PRESET.value, _OVERRIDES.value)
-  if _QUICK.value:
+  if _QUICK.value:  # a smaller world and a few steps per stage
+    for key, value in QUICK_WORLD.items():
+      _set(cfg, f"world.{key}", value)
     for stage, steps in dict(pretrain=30, sft=12, reward=12).items():
       _set(cfg, f"{stage}.train.steps", steps)
       _set(cfg, f"{stage}.train.progress", False)
@@ -621,8 +627,10 @@ def main(_):
       bcfg.world.rater_bias = "confident"
       bcfg.world.rater_bias_strength = s["bias_strength"]
     b_reward = train_reward(bcfg, os.path.join(out, "runs", "biased_reward"), sft_dir, 1, _QUICK.value)
-    b_ens = (train_reward(bcfg, os.path.join(out, "runs", "biased_reward_ensemble"), sft_dir, s["ensemble"], _QUICK.value)
-             if s["ensemble"] > 1 else None)
+    b_ens = None
+    if s["ensemble"] > 1:
+      b_ens = train_reward(bcfg, os.path.join(out, "runs", "biased_reward_ensemble"), sft_dir, s["ensemble"],
+                           _QUICK.value)
     timings["biased/reward_models"] = time.time() - t0
     b_methods = ["ppo", "dpo"] + (["ppo_ens"] if b_ens else []) + ["grpo_gold"]
     bs = dict(s, ppo_targets=s["ppo_targets"][-1:], dpo_betas=s["dpo_betas"][:1],

@@ -42,6 +42,7 @@ def get_config(preset: str | None = None):
       temperature=1.0,  # sampling temperature of the report (1: the policies themselves, as KL needs)
       max_new_tokens=64,
       batch_size=64,
+      bootstrap_resamples=2000,  # resamples of prompts behind every 95% interval (`<metric>_ci95`)
   ))
   if preset != "tiny":
     raise ValueError(f"unknown preset {preset!r}; presets: tiny")

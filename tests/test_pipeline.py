@@ -38,9 +38,15 @@ def test_pipeline_report_has_every_model_metric_and_plot(pipeline_dir):
     for metric in METRICS:
       value = report["models"][name][metric]
       assert isinstance(value, float) and value == value, (name, metric)
+    lo, hi = report["models"][name]["gold_reward_ci95"]
+    assert lo <= report["models"][name]["gold_reward"] <= hi, name
   assert report["models"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)  # same model
   assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
   assert 0.0 <= report["reward_model"]["gold_agreement"] <= 1.0
+  probe = report["reward_model"]
+  assert probe["confident_wrong_pairs"] > 20
+  lo, hi = probe["prefers_confident_wrong_ci95"]
+  assert lo <= probe["prefers_confident_wrong"] <= hi
   for stage in STAGES:
     assert report["stages"][stage]["seconds"] > 0
   md = open(os.path.join(pipeline_dir, "report.md")).read()

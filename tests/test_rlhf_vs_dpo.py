@@ -56,7 +56,7 @@ def test_significance_table_is_paired_and_holm_adjusted(quick):
   for r in sig:
     assert r["p_holm"] >= r["p_value"]
     assert r["significant"] == (r["p_holm"] < 0.05)
-    assert r["units"] == 2 * 200  # seeds x eval prompts, paired
+    assert r["units"] == 2 * 48  # seeds x eval prompts (the quick world's), paired
   assert "two-stage bootstrap" in results["paired_test"]
 
 
