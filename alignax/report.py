@@ -194,12 +194,16 @@ def _wilson(rate, n) -> list[float] | None:
 def reward_model_summary(rm: dict) -> dict:
   """The report's reward model section from the reward stage's last eval row (`eval/` stripped).
 
-  Means as logged; gold agreement (over `gold_pairs` pairs of fresh SFT samples whose gold scores
-  differ) also gets its Wilson interval, `gold_agreement_ci95`. The held-out accuracies have none:
-  the stage logs them without their number of pairs.
+  Means as logged, with Wilson intervals where the stage logged the number of pairs: held-out
+  accuracy against the gold order (`gold_order_pairs`) and against the labels (`pairs`), gold
+  agreement over `gold_pairs` pairs of fresh SFT samples whose gold scores differ.
   """
+  has_gold = "gold_accuracy" in rm
   return {"accuracy": rm.get("gold_accuracy", rm.get("accuracy")),
-          "label_accuracy": rm.get("accuracy"), "gold_agreement": rm.get("gold_agreement"),
+          "accuracy" + CI: _wilson(rm.get("gold_accuracy", rm.get("accuracy")),
+                                   rm.get("gold_order_pairs") if has_gold else rm.get("pairs")),
+          "label_accuracy": rm.get("accuracy"), "label_accuracy" + CI: _wilson(rm.get("accuracy"), rm.get("pairs")),
+          "gold_agreement": rm.get("gold_agreement"),
           "gold_agreement" + CI: _wilson(rm.get("gold_agreement"), rm.get("gold_pairs")),
           "gold_pairs": None if rm.get("gold_pairs") is None else int(rm["gold_pairs"]),
           # an ensemble (reward.ensemble=K) also logs one member's figures
@@ -265,8 +269,8 @@ def markdown(report: dict, plots: list[str]) -> str:
   rm = report["reward_model"]
   pairs = f" over {rm['gold_pairs']} pairs (Wilson 95% interval)" if rm.get("gold_agreement" + CI) else ""
   lines += ["", "## Reward model", "",
-            (f"Held-out accuracy against the gold order: {_fmt(rm['accuracy'])} "
-             f"(against the noisy labels: {_fmt(rm['label_accuracy'])}); agreement with the gold "
+            (f"Held-out accuracy against the gold order: {_fmt_ci(rm, 'accuracy')} "
+             f"(against the noisy labels: {_fmt_ci(rm, 'label_accuracy')}); agreement with the gold "
              f"labeler on pairs of fresh SFT samples: {_fmt_ci(rm, 'gold_agreement')}{pairs}.")]
   if rm.get("prefers_confident_wrong") is not None:
     lines += ["", (f"It scores a confident wrong answer (\"Sure! The capital of France is Rome.\") above a plain "

@@ -149,6 +149,14 @@ def test_reward_model_gold_agreement_gets_a_wilson_interval():
   assert report.reward_model_summary({})["gold_agreement_ci95"] is None
 
 
+def test_reward_model_accuracies_get_wilson_intervals_over_their_logged_pairs():
+  rm = report.reward_model_summary({"gold_accuracy": 0.8, "gold_order_pairs": 350.0, "accuracy": 0.7,
+                                    "pairs": 400.0})
+  assert rm["accuracy_ci95"] == pytest.approx(list(stats.wilson_interval(280, 350)), abs=1e-12)
+  assert rm["label_accuracy_ci95"] == pytest.approx(list(stats.wilson_interval(280, 400)), abs=1e-12)
+  assert report.reward_model_summary({"accuracy": 0.7})["accuracy_ci95"] is None
+
+
 def test_markdown_shows_intervals_next_to_values():
   models = {"sft": metrics_of(60, seed=1), "ppo": metrics_of(60, seed=2)}
   md = report.markdown(fake_report(models, {"gold_accuracy": 0.8, "accuracy": 0.75, "gold_agreement": 0.7,

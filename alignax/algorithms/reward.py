@@ -104,9 +104,11 @@ class RewardEval:
       known = valid & (gold >= 0)
       gold_correct += float(np.sum((win == (gold > 0)) & known))
       n_gold += float(np.sum(known))
-    out = {"accuracy": correct / max(n, 1.0)}
+    # The counts let reports put intervals on the rates.
+    out = {"accuracy": correct / max(n, 1.0), "pairs": n}
     if n_gold:
       out["gold_accuracy"] = gold_correct / n_gold
+      out["gold_order_pairs"] = n_gold
     return out
 
   def sft_pairs(self):
