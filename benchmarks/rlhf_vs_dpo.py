@@ -8,9 +8,10 @@ and raters with a bias.
 
 From the SFT and reward-model exports of a pipeline directory (its pretrain, SFT and reward stages
 run first when missing), each method trains over its own knob (`--dpo_betas` for the DPO family:
-dpo = sigmoid, ipo, simpo, ...; `--ppo_targets` for PPO's adaptive KL controller; `--grpo_kl_coefs`,
-`--rloo_kl_coefs`), every seed of a setting a member of one vectorized program (`alignax sweep
---vectorize`). Every `--eval_every` steps each run samples `--eval_samples` responses (several per
+dpo = sigmoid, ipo, simpo, ... with `--ipo_betas` and `--simpo_betas` for theirs; the KL coefficient
+for PPO, GRPO and RLOO: `--ppo_kl_coefs` (or `--ppo_targets` for PPO's adaptive controller),
+`--grpo_kl_coefs`, `--rloo_kl_coefs`), every seed of a setting a member of one vectorized program (`alignax sweep
+--vectorize`). `--evals` times per run (and at step 0) each run samples `--eval_samples` responses (several per
 eval prompt when the world has fewer prompts) and saves them with their gold score, KL to the SFT
 reference and reward-model (proxy) score (`eval.save_samples`). Then:
 
@@ -52,7 +53,11 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (members o
 _BETAS = flags.DEFINE_list("dpo_betas", ["0.05", "0.2"], "DPO betas (and of DPO-family losses without their own).")
 _IPO_BETAS = flags.DEFINE_list("ipo_betas", ["0.1", "0.5"], "IPO betas (its tau: the target margin is 1 / (2 tau)).")
 _SIMPO_BETAS = flags.DEFINE_list("simpo_betas", ["1", "2.5"], "SimPO betas (on length-normalized logprobs).")
-_TARGETS = flags.DEFINE_list("ppo_targets", ["1", "4"], "PPO KL targets (nats per sequence).")
+_PPO_KL = flags.DEFINE_list("ppo_kl_coefs", ["0.01", "0.2"], "PPO KL coefficients (fixed, as GRPO's and RLOO's).")
+_TARGETS = flags.DEFINE_list("ppo_targets", [], "PPO KL targets (nats per sequence) for the adaptive controller, "
+                             "instead of --ppo_kl_coefs. Over a short run the clipped controller moves the same "
+                             "way for every target above the KL reached, so targets 1 and 4 trained identically "
+                             "in 16 iterations.")
 _GRPO_KL = flags.DEFINE_list("grpo_kl_coefs", ["0.02", "0.1"], "GRPO KL coefficients.")
 _RLOO_KL = flags.DEFINE_list("rloo_kl_coefs", ["0.02", "0.1"], "RLOO KL coefficients.")
 _HORIZON = flags.DEFINE_integer("ppo_horizon", 160, "Samples over which PPO's KL controller moves its coefficient.")
@@ -67,7 +72,8 @@ _BIASED = flags.DEFINE_bool("biased", True, "Also run the biased-rater world.")
 _BIAS_STRENGTH = flags.DEFINE_float("bias_strength", 1.0, "world.rater_bias_strength of the biased run.")
 _MEMBERS_STEP = flags.DEFINE_enum("members_step", "map", ["map", "vmap"],
                                   "parallel.members_step (map: members one after another, faster on CPUs).")
-_QUICK = flags.DEFINE_bool("quick", False, "A small version (tests): 2 seeds, one setting per method, few steps.")
+_QUICK = flags.DEFINE_bool("quick", False, "A small version (tests): a smaller world, 2 seeds, one setting per "
+                            "method, few steps; the biased world without its ensemble and GRPO-on-gold runs.")
 _REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the tables and plots from --out's results.json.")
 _PRESET = flags.DEFINE_string("preset", "tiny", "Pipeline preset whose stage configs are used.")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra overrides KEY=VALUE on the pipeline config "
@@ -112,13 +118,14 @@ def settings() -> dict:
   s = {"methods": list(_METHODS.value), "seeds": [int(x) for x in _SEEDS.value],
        "dpo_betas": [float(x) for x in _BETAS.value], "ipo_betas": [float(x) for x in _IPO_BETAS.value],
        "simpo_betas": [float(x) for x in _SIMPO_BETAS.value], "ppo_targets": [float(x) for x in _TARGETS.value],
+       "ppo_kl_coefs": [float(x) for x in _PPO_KL.value],
        "grpo_kl_coefs": [float(x) for x in _GRPO_KL.value], "rloo_kl_coefs": [float(x) for x in _RLOO_KL.value],
        "dpo_steps": _DPO_STEPS.value, "ppo_steps": _PPO_STEPS.value, "group_steps": _GROUP_STEPS.value,
        "evals": _EVALS.value, "eval_samples": _SAMPLES.value, "bon_max": _BON_MAX.value,
        "ensemble": _ENSEMBLE.value, "biased": _BIASED.value, "bias_strength": _BIAS_STRENGTH.value,
        "members_step": _MEMBERS_STEP.value, "ppo_horizon": _HORIZON.value}
   if _QUICK.value:
-    s.update(methods=["ppo", "dpo"], seeds=[0, 1], dpo_betas=[0.1], ppo_targets=[2.0], dpo_steps=6, ppo_steps=3,
+    s.update(methods=["ppo", "dpo"], seeds=[0, 1], dpo_betas=[0.1], ppo_kl_coefs=[0.05], ppo_targets=[], dpo_steps=6, ppo_steps=3,
              group_steps=3, evals=1, eval_samples=48, bon_max=4, ensemble=2)
   return s
 
@@ -186,26 +193,30 @@ def method_config(cfg, method: str, s: dict, sft_dir: str, reward_dir: str | Non
       if method.endswith("_gold"):  # RL on the truth: the gold labeler as the reward function
         scfg.rewards.model = 0.0
         scfg.rewards.functions = "alignax.tasks.world_gold:gold_reward"
-      if stage == "ppo":
+      if stage == "ppo" and s["ppo_targets"]:
         scfg.ppo.adaptive_kl = True
         scfg.ppo.horizon = s["ppo_horizon"]
   return scfg
 
 
-def knob(method: str) -> tuple[str, str]:
+def knob(method: str, s: dict) -> tuple[str, str]:
   """(config key, label) of a method's knob."""
   base = method.split("_")[0]
   if base == "ppo":
-    return "ppo.target_kl", "KL target"
+    return ("ppo.target_kl", "KL target") if s["ppo_targets"] else ("ppo.kl_coef", "KL coef")
   if base in ("grpo", "rloo"):
     return f"{base}.kl_coef", "KL coef"
   return "dpo.beta", "beta"
 
 
 def knob_values(method: str, s: dict) -> list[float]:
+  """The settings a method trains at; the ensemble and gold-reward variants use the first
+  (the least regularized) only."""
   base = method.split("_")[0]
-  return {"ppo": s["ppo_targets"], "grpo": s["grpo_kl_coefs"], "rloo": s["rloo_kl_coefs"], "ipo": s["ipo_betas"],
-          "simpo": s["simpo_betas"]}.get(base, s["dpo_betas"])
+  ppo = s["ppo_targets"] or s["ppo_kl_coefs"]
+  values = {"ppo": ppo, "grpo": s["grpo_kl_coefs"], "rloo": s["rloo_kl_coefs"], "ipo": s["ipo_betas"],
+            "simpo": s["simpo_betas"]}.get(base, s["dpo_betas"])
+  return values[:1] if "_" in method else values
 
 
 def train_method(cfg, experiment: str, method: str, values: list[float], s: dict, out: str, sft_dir: str,
@@ -213,7 +224,7 @@ def train_method(cfg, experiment: str, method: str, values: list[float], s: dict
   """Every (setting, seed) of `method` as members of vectorized programs; {(value, seed): workdir}."""
   from alignax.sweep import point_config, run_vectorized_sweep
   scfg = method_config(cfg, method, s, sft_dir, reward_dir)
-  key, _ = knob(method)
+  key, _ = knob(method, s)
   specs = [f"{key}={','.join(f'{v:g}' for v in values)}", f"seed={','.join(str(x) for x in s['seeds'])}"]
   folder = os.path.join(out, "runs", experiment, method)
   print(f"== {method}: {specs}", flush=True)
@@ -628,15 +639,15 @@ def main(_):
       bcfg.world.rater_bias_strength = s["bias_strength"]
     b_reward = train_reward(bcfg, os.path.join(out, "runs", "biased_reward"), sft_dir, 1, _QUICK.value)
     b_ens = None
-    if s["ensemble"] > 1:
+    if s["ensemble"] > 1 and not _QUICK.value:  # --quick: the main world's ensemble covers the path
       b_ens = train_reward(bcfg, os.path.join(out, "runs", "biased_reward_ensemble"), sft_dir, s["ensemble"],
                            _QUICK.value)
     timings["biased/reward_models"] = time.time() - t0
-    b_methods = ["ppo", "dpo"] + (["ppo_ens"] if b_ens else []) + ["grpo_gold"]
-    bs = dict(s, ppo_targets=s["ppo_targets"][-1:], dpo_betas=s["dpo_betas"][:1],
+    b_methods = ["ppo", "dpo"] + (["ppo_ens"] if b_ens else []) + ([] if _QUICK.value else ["grpo_gold"])
+    bs = dict(s, ppo_targets=s["ppo_targets"][:1], ppo_kl_coefs=s["ppo_kl_coefs"][:1], dpo_betas=s["dpo_betas"][:1],
               grpo_kl_coefs=s["grpo_kl_coefs"][:1])
     results["biased"] = run_experiment(bcfg, "biased", b_methods, bs, out, sft_dir, b_reward, b_ens, timings)
-    results["biased"]["settings"] = {k: bs[k] for k in ("ppo_targets", "dpo_betas", "grpo_kl_coefs")}
+    results["biased"]["settings"] = {k: bs[k] for k in ("ppo_kl_coefs", "ppo_targets", "dpo_betas", "grpo_kl_coefs")}
   timings["total"] = time.time() - t_start
 
   summary = {"settings": s, "paired_test": __import__("alignax.stats", fromlist=["x"]).PAIRED_TEST_NAME,

@@ -20,7 +20,7 @@ def quick(tmp_path_factory):
   out = tmp_path_factory.mktemp("rvd")
   proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "rlhf_vs_dpo.py"), "--quick",
                          f"--base={out / 'base'}", f"--out={out / 'bench'}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=1200)
+                        cwd=REPO, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out / "bench" / "results.json", encoding="utf-8") as f:
     return out / "bench", json.load(f), proc.stdout
@@ -78,7 +78,7 @@ def test_fits_and_best_of_n(quick):
 def test_biased_raters_teach_the_reward_model_to_prefer_confident_wrong_answers(quick):
   _, results, _ = quick
   main, biased = results["experiments"]["main"], results["experiments"]["biased"]
-  assert {r["method"] for r in biased["final"]} == {"ppo", "dpo", "ppo_ens", "grpo_gold"}
+  assert {r["method"] for r in biased["final"]} == {"ppo", "dpo"}
   fair = main["rm_prefers_confident_wrong"]["reward_model"]
   bent = biased["rm_prefers_confident_wrong"]["reward_model"]
   assert bent["pairs"] == fair["pairs"] > 20
