@@ -44,7 +44,7 @@ def test_pipeline_report_has_every_model_metric_and_plot(pipeline_dir):
   assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
   assert 0.0 <= report["reward_model"]["gold_agreement"] <= 1.0
   probe = report["reward_model"]
-  assert probe["confident_wrong_pairs"] > 20
+  assert probe["confident_wrong_pairs"] >= 10  # the fact questions among the report prompts
   lo, hi = probe["prefers_confident_wrong_ci95"]
   assert lo <= probe["prefers_confident_wrong"] <= hi
   for stage in STAGES:
