@@ -368,15 +368,21 @@ def unit_table(samples_by_seed: dict[int, list[dict]], metric: str, sft_gold: di
   return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
+def unit_ids(keys) -> tuple:
+  """(seed ids, prompt ids) [n] of (seed, prompt) keys, prompts numbered in sorted order (stable
+  across processes, unlike str hashes, so the bootstrap draws are reproducible)."""
+  import numpy as np
+  index = {p: i for i, p in enumerate(sorted({k[1] for k in keys}))}
+  return np.array([k[0] for k in keys]), np.array([index[k[1]] for k in keys])
+
+
 def interval(units: dict) -> tuple[float, list[float]]:
   """Mean and two-stage bootstrap interval (seeds, then prompts) of per-(seed, prompt) values."""
   import numpy as np
   from alignax import stats
   keys = sorted(units)
   values = np.array([units[k] for k in keys])
-  seeds = np.array([k[0] for k in keys])
-  prompts = np.array([hash(k[1]) for k in keys])
-  lo, hi = stats.bootstrap_ci(values, (seeds, prompts), num_resamples=1000)
+  lo, hi = stats.bootstrap_ci(values, unit_ids(keys), num_resamples=1000)
   return float(values.mean()), [lo, hi]
 
 
@@ -412,8 +418,7 @@ def significance(experiment: str, finals_by_method: dict, best: dict[str, float]
     ub = unit_table({s: r for (v, s), r in finals_by_method[b].items() if v == best[b]}, "gold_reward")
     keys = sorted(set(ua) & set(ub))
     diff = np.array([ua[k] - ub[k] for k in keys])
-    test = stats.paired_difference(diff, (np.array([k[0] for k in keys]), np.array([hash(k[1]) for k in keys])),
-                                   num_resamples=2000)
+    test = stats.paired_difference(diff, unit_ids(keys), num_resamples=2000)
     rows.append({"experiment": experiment, "a": f"{a} ({best[a]:g})", "b": f"{b} ({best[b]:g})",
                  "mean_difference": test.mean, "ci95": list(test.ci), "p_value": test.p_value, "units": test.n})
   adjusted = stats.holm([r["p_value"] for r in rows]) if rows else []
