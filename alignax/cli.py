@@ -43,25 +43,40 @@ def _config_arg(argv: list[str]) -> str | None:
   return None
 
 
-def check_overrides(argv: list[str]) -> None:
-  """Exits with a one-line message when an override names a key the config does not have."""
-  from alignax.config import config_key_exists, load_config_file, suggest_keys
+def check_overrides(argv: list[str]) -> list[str]:
+  """`argv` with each `--config.KEY` override spelled as the config's own key (a renamed key's
+  new name, with a warning; a pipeline stage's hyperparameter without its section, e.g.
+  `--config.dpo.beta`). Exits with a one-line message when an override names no key."""
+  from alignax.config import RENAMED, canonical_key, load_config_file, suggest_keys
   spec = _config_arg(argv)
   keys = _override_keys(argv)
   if spec is None:
     if keys:
       _die("--config.* overrides need --config=FILE[:PRESET]")
-    return
+    return argv
   path, _, preset = spec.partition(":")
   try:
     cfg = load_config_file(path, preset or None)
   except Exception as e:  # a broken config file: say which and why, in one line
     _die(f"cannot load config {spec}: {type(e).__name__}: {e}")
+  renamed = {}
   for key in keys:
-    if not config_key_exists(cfg, key):
+    canonical = canonical_key(cfg, key)
+    if canonical is None:
       close = suggest_keys(cfg, key)
       hint = f" (did you mean: {', '.join(close)}?)" if close else ""
       _die(f"unknown config key 'config.{key}'{hint}")
+    if canonical != key:
+      renamed[key] = canonical
+      if any(key == old or key.endswith("." + old) for old in RENAMED):
+        print(f"alignax: warning: config.{key} is deprecated; use config.{canonical}", file=sys.stderr)
+  out = []
+  for arg in argv:
+    if arg.startswith("--config."):
+      key, sep, value = arg[len("--config."):].partition("=")
+      arg = f"--config.{renamed.get(key, key)}{sep}{value}"
+    out.append(arg)
+  return out
 
 
 def _die(message: str, code: int = 2):
@@ -121,7 +136,7 @@ def _guarded(main: Callable) -> Callable:
 
 def _run_with_config(prog: str, argv: list[str], main: Callable) -> None:
   from ml_collections import config_flags
-  check_overrides(argv)
+  argv = check_overrides(argv)
   config = config_flags.DEFINE_config_file("config", None, "Config file, as path[:preset].",
                                            lock_config=True)
   guarded = _guarded(main)
@@ -141,7 +156,7 @@ def cmd_train(prog: str, argv: list[str]) -> None:
 def cmd_pipeline(prog: str, argv: list[str]) -> None:
   """Runs the whole pipeline: pretrain -> SFT -> reward model -> PPO and DPO -> report."""
   def main(cfg):
-    from alignax.pipeline import run_pipeline
+    from alignax.commands.pipeline import run_pipeline
     if cfg is None:
       _die("--config=FILE[:PRESET] is required")
     run_pipeline(cfg)
@@ -159,7 +174,7 @@ def cmd_sweep(prog: str, argv: list[str]) -> None:
                     "the points into one program each.")
 
   def main(cfg):
-    from alignax.sweep import format_table, run_sweep, run_vectorized_sweep
+    from alignax.commands.sweep import format_table, run_sweep, run_vectorized_sweep
     if cfg is None:
       _die("--config=FILE[:PRESET] is required")
     sweep = run_vectorized_sweep if flags.FLAGS.vectorize else run_sweep
@@ -192,7 +207,7 @@ def cmd_sample(prog: str, argv: list[str]) -> None:
                     "and imported runs, chat otherwise.")
 
   def main(_):
-    from alignax.generation.cli import sample_main
+    from alignax.commands.sample import main as sample_main
     sample_main(flags.FLAGS)
   app.run(_guarded(main), argv=[prog] + argv)
 
@@ -205,7 +220,7 @@ def cmd_eval(prog: str, argv: list[str]) -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
   def main(_):
-    from alignax.report import eval_main
+    from alignax.commands.eval import main as eval_main
     eval_main(flags.FLAGS)
   app.run(_guarded(main), argv=[prog] + argv)
 
@@ -237,7 +252,7 @@ def cmd_import_hf(prog: str, argv: list[str]) -> None:
                        "needed for sliding-window models, whose window must cover it.")
 
   def main(_):
-    from alignax.models.hf import import_hf_main
+    from alignax.commands.import_hf import main as import_hf_main
     import_hf_main(flags.FLAGS)
   app.run(_guarded(main), argv=[prog] + argv)
 

@@ -23,11 +23,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * n + attn
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Inference FLOPs per token (one third of training): 2N + 4 * L * H * Dh * context."""
-  return train_flops_per_token(cfg, seq_len) / 3.0
-
-
 def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 10,
                         device: jax.Device | None = None) -> float:
   """Best FLOP/s of an n x n x n matmul chain on one device: the denominator of MFU here."""

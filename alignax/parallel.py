@@ -48,33 +48,64 @@ from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-MEMBER_AXIS = "members"  # the leading axis of a vectorized sweep's mesh (alignax.train.members)
-BATCH_AXES = ("data", "fsdp")
+from alignax.sections import Section, one_of, require
+from alignax.sharding import (AXIS_RULES, BATCH_AXES, MEMBER_AXIS, MESH_AXES, PMAP_AXIS,  # noqa: F401
+                              constrain, logical_to_spec)
+
 MODES = ("jit", "pmap")
-PMAP_AXIS = "data"  # pmap's axis name: the data axis of the mesh it replaces
-
-# Logical axis name -> mesh axis (or a tuple of axes; None: replicated). One table for params
-# and activations. Stacked block params have a leading "layers" axis.
-AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
-    # parameters
-    "layers": None,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "positions": None,
-    # activations (see `constrain`): rows split like the batch; the residual stream's features
-    # are whole on every device (not over fsdp, whose weights are gathered instead, and not
-    # over tensor, whose row-parallel matmuls all-reduce into it: the Megatron layout)
-    "batch": BATCH_AXES,
-    "length": None,
-    "act_embed": None,
-}
+MEMBERS_STEPS = ("vmap", "map")
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Section):
+  """Mesh axis sizes; -1 fills the remaining devices. `members` splits a vectorized sweep's
+  members (alignax sweep --vectorize)."""
+
+  SECTION = "parallel.mesh"
+  members: int = 1
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def check(self) -> None:
+    for axis in MESH_AXES:
+      size = getattr(self, axis)
+      require(size == -1 or size >= 1, f"parallel.mesh.{axis}", f"must be -1 or >= 1, got {size}")
+    require(self.members >= 1, "parallel.mesh.members", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig(Section):
+  """`jax.distributed.initialize` settings: coordinator "HOST:PORT" (with num_processes and
+  process_id), "auto" (JAX's cluster detection), or "" (from the environment, or one process)."""
+
+  SECTION = "parallel.distributed"
+  coordinator: str = ""
+  num_processes: int = 1
+  process_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig(Section):
+  """Attributes:
+    mode: "jit" (named shardings on a mesh) or "pmap".
+    mesh: the mesh's axis sizes.
+    members_step: how a vectorized sweep's step runs its members: "vmap" (one batched program,
+      for accelerators) or "map" (lax.map, one member after another inside the one program; on
+      CPU, where a member's step already fills the cores, this keeps the single run's speed and
+      still shares start-up, data set-up and compilation).
+    distributed: multi-process initialization.
+  """
+
+  SECTION = "parallel"
+  mode: str = "jit"
+  mesh: MeshConfig = MeshConfig()
+  members_step: str = "vmap"
+  distributed: DistributedConfig = DistributedConfig()
+
+  def check(self) -> None:
+    one_of(self.mode, "parallel.mode", MODES)
+    one_of(self.members_step, "parallel.members_step", MEMBERS_STEPS)
 class ParallelError(ValueError):
   """A mesh, batch or process layout that cannot work; raised before anything compiles."""
 
@@ -82,9 +113,17 @@ class ParallelError(ValueError):
 # ------------------------------------------------------------------------------------ the mesh
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+def _field(section, key: str, default=None):
+  """A field of a typed section (`MeshConfig`, ...), or of a plain mapping of it (tests and
+  scripts that build a mesh directly)."""
+  if dataclasses.is_dataclass(section):
+    return getattr(section, key)
+  return section.get(key, default)
+
+
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """Resolves -1 entries of `parallel.mesh` so that the product is `num_devices`."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  sizes = [int(_field(mesh_cfg, a)) for a in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     if size == 0 or size < -1:
       raise ParallelError(f"parallel.mesh.{axis}: must be -1 or >= 1, got {size}")
@@ -104,7 +143,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices=None, *, with_members: bool = False) -> Mesh:
+def make_mesh(mesh_cfg: MeshConfig, devices=None, *, with_members: bool = False) -> Mesh:
   """The ("data", "fsdp", "tensor") mesh that `parallel.mesh` describes, in Auto sharding mode.
 
   With `with_members` (a vectorized sweep) the mesh has a leading "members" axis of size
@@ -113,7 +152,7 @@ def make_mesh(mesh_cfg, devices=None, *, with_members: bool = False) -> Mesh:
   reads its own rows for every member).
   """
   devices = list(devices if devices is not None else jax.devices())
-  members = int(mesh_cfg.get("members", 1))
+  members = int(_field(mesh_cfg, "members", 1))
   if members < 1:
     raise ParallelError(f"parallel.mesh.members: must be >= 1, got {members}")
   if not with_members:
@@ -129,31 +168,6 @@ def make_mesh(mesh_cfg, devices=None, *, with_members: bool = False) -> Mesh:
   used = devices[: math.prod(shape) * members]
   grid = np.moveaxis(np.array(used, dtype=object).reshape(*shape, members), -1, 0)
   return Mesh(grid, (MEMBER_AXIS,) + MESH_AXES, axis_types=(AxisType.Auto,) * 4)
-
-
-def logical_to_spec(axes, shape, mesh: Mesh) -> P:
-  """PartitionSpec for an array with logical `axes` (a leading stacked axis is replicated).
-
-  A mesh axis that does not divide its dimension, or is already used by an earlier dimension,
-  is dropped (that dimension is replicated) rather than failing to compile.
-  """
-  axes = tuple(axes)
-  if len(shape) == len(axes) + 1:
-    axes = ("layers",) + axes
-  if len(shape) != len(axes):
-    return P()
-  spec, used = [], set()
-  for dim, name in zip(shape, axes):
-    target = AXIS_RULES.get(name) if name is not None else None
-    names = (target,) if isinstance(target, str) else tuple(target or ())
-    names = tuple(n for n in names if n in mesh.shape and n not in used and mesh.shape[n] > 1)
-    size = math.prod(mesh.shape[n] for n in names)
-    if not names or dim % size:
-      spec.append(None)
-      continue
-    used.update(names)
-    spec.append(names[0] if len(names) == 1 else names)
-  return P(*spec)
 
 
 def tree_shardings(tree, mesh: Mesh):
@@ -202,25 +216,6 @@ def place(tree, shardings):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension over ("data", "fsdp"); other dimensions replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def constrain(x: jax.Array, logical_axes) -> jax.Array:
-  """`x` with a sharding constraint from logical axis names, when a jit placement traces.
-
-  `Placement.jit_step` / `jit_eval` make their mesh the abstract mesh while tracing; anywhere
-  else (no mesh, a mesh without the alignax axes, or under pmap's manual axes) this returns `x`
-  unchanged, so model code may call it without knowing about meshes.
-
-  Args:
-    x: an activation, e.g. [B, T, d].
-    logical_axes: one name (a key of `AXIS_RULES`) or None per dimension of `x`.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-    return x
-  if any(t != AxisType.Auto for t in mesh.axis_types):
-    return x  # under shard_map (pmap mode) axes are manual: nothing to constrain
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -470,15 +465,15 @@ def bind_axis_name(step_fn: Callable, axis_name: str) -> Callable:
 AnyPlacement = Placement | PmapPlacement
 
 
-def make_placement(parallel_cfg, model_cfg=None, global_batch: int | None = None, *,
+def make_placement(parallel_cfg: ParallelConfig, model_cfg=None, global_batch: int | None = None, *,
                    with_members: bool = False) -> AnyPlacement:
   """The placement `parallel.mode` names on the mesh from config, validated against the model,
   the batch and the process layout before anything compiles (`with_members`: the mesh of a
   vectorized sweep, see `make_mesh`)."""
-  mode = parallel_cfg.get("mode", "jit")
+  mode = _field(parallel_cfg, "mode", "jit")
   if mode not in MODES:
     raise ParallelError(f"parallel.mode: must be one of {MODES}, got {mode!r}")
-  mesh = make_mesh(parallel_cfg.mesh, with_members=with_members)
+  mesh = make_mesh(_field(parallel_cfg, "mesh"), with_members=with_members)
   if model_cfg is not None:
     check_model_fits_mesh(model_cfg, mesh)
   if global_batch is not None:
@@ -502,7 +497,7 @@ def jit_eval(placement: AnyPlacement, fn: Callable, params) -> Callable:
 # ------------------------------------------------------------------------------------ processes
 
 
-def maybe_initialize_distributed(dist_cfg) -> bool:
+def maybe_initialize_distributed(dist_cfg: DistributedConfig) -> bool:
   """`jax.distributed.initialize` from `parallel.distributed` or the environment, once.
 
   In order of precedence:

@@ -38,11 +38,11 @@ def benchmark(cfg, batch_sizes, prompt_len, new_tokens, repeats):
   import numpy as np
 
   from alignax import flops
-  from alignax.config import validate_common
+  from alignax.config import resolve
   from alignax.generation import Sampler, SamplingConfig
   from alignax.models import build_lm
 
-  model_cfg = validate_common(cfg)
+  model_cfg = resolve(cfg).model
   lm, params = build_lm(model_cfg, 0)
   sampler = Sampler(lm, _NoEos(model_cfg.vocab_size), SamplingConfig(temperature=1.0, max_new_tokens=new_tokens),
                     min_bucket=prompt_len)

@@ -136,7 +136,7 @@ def run_base_stages(cfg) -> None:
   """The pretrain, SFT and reward-model stages of the base pipeline, run when missing."""
   from alignax import checkpoint as ckpt_lib
   from alignax.algorithms import run_stage
-  from alignax.pipeline import stage_config
+  from alignax.algorithms.pipeline_config import stage_config
   for name in ("pretrain", "sft", "reward"):
     scfg = stage_config(cfg, name)
     if not ckpt_lib.has_export(scfg.workdir):
@@ -149,7 +149,7 @@ def train_reward(cfg, workdir: str, sft_dir: str, ensemble: int, quick: bool) ->
   """A reward model (an ensemble when `ensemble` > 1) on `cfg`'s world, from the SFT export."""
   from alignax import checkpoint as ckpt_lib
   from alignax.algorithms import run_stage
-  from alignax.pipeline import stage_config
+  from alignax.algorithms.pipeline_config import stage_config
   scfg = stage_config(cfg, "reward")
   with scfg.unlocked():
     scfg.workdir = workdir
@@ -166,7 +166,7 @@ def train_reward(cfg, workdir: str, sft_dir: str, ensemble: int, quick: bool) ->
 
 def method_config(cfg, method: str, s: dict, sft_dir: str, reward_dir: str | None):
   """The stage config of `method` (ppo, grpo, rloo, a DPO loss type, or *_ens / *_gold variants)."""
-  from alignax.pipeline import stage_config
+  from alignax.algorithms.pipeline_config import stage_config
   base = method.split("_")[0]
   stage = base if base in RL_METHODS else "dpo"
   scfg = stage_config(cfg, stage)
@@ -174,7 +174,7 @@ def method_config(cfg, method: str, s: dict, sft_dir: str, reward_dir: str | Non
   with scfg.unlocked():
     scfg.init.workdir = sft_dir
     scfg.train.steps = steps
-    scfg.train.eval_every = max(1, steps // max(1, s["evals"]))
+    scfg.eval.every = max(1, steps // max(1, s["evals"]))
     scfg.train.progress = not _QUICK.value
     scfg.checkpoint.every = steps  # resume by group; no need for more
     scfg.parallel.members_step = s["members_step"]
@@ -222,7 +222,7 @@ def knob_values(method: str, s: dict) -> list[float]:
 def train_method(cfg, experiment: str, method: str, values: list[float], s: dict, out: str, sft_dir: str,
                  reward_dir: str | None) -> dict[tuple[float, int], str]:
   """Every (setting, seed) of `method` as members of vectorized programs; {(value, seed): workdir}."""
-  from alignax.sweep import point_config, run_vectorized_sweep
+  from alignax.commands.sweep import point_config, run_vectorized_sweep
   scfg = method_config(cfg, method, s, sft_dir, reward_dir)
   key, _ = knob(method, s)
   specs = [f"{key}={','.join(f'{v:g}' for v in values)}", f"seed={','.join(str(x) for x in s['seeds'])}"]
@@ -276,17 +276,19 @@ class SFTSampler:
     import jax
     from alignax import checkpoint as ckpt_lib
     from alignax.algorithms.world_eval import eval_prompt_records
-    from alignax.data.sources import resolve_tokenizer
+    from alignax.config import resolve
+    from alignax.train.runner import stage_tokenizer
     from alignax.generation import Sampler, SamplingConfig
-    from alignax.pipeline import stage_config
-    from alignax.report import load_lm
+    from alignax.algorithms.pipeline_config import stage_config
+    from alignax.algorithms.common import load_lm_export
     scfg = stage_config(cfg, "sft")
     with scfg.unlocked():
       scfg.eval.num_prompts = int(cfg.world.num_eval_prompts)
       scfg.tokenizer = ckpt_lib.read_export_meta(sft_dir)["tokenizer"]
-    self.records = sorted(eval_prompt_records(scfg), key=lambda r: r["prompt"])
-    self.tok = resolve_tokenizer(scfg)
-    self.lm, self.params = load_lm(sft_dir)
+    config = resolve(scfg)
+    self.records = sorted(eval_prompt_records(config), key=lambda r: r["prompt"])
+    self.tok = stage_tokenizer(config)
+    self.lm, self.params = load_lm_export(sft_dir)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=int(scfg.eval.max_new_tokens))
     self.sampler = Sampler(self.lm, self.tok, sampling)
     self.template = ckpt_lib.read_export_meta(sft_dir).get("chat_template", "markers")
@@ -294,7 +296,7 @@ class SFTSampler:
 
   def sample(self, m: int):
     """m samples per eval prompt: (records repeated [P*m] prompt-major, Samples)."""
-    from alignax import evaluation
+    from alignax.tasks import evaluation
     recs = [r for r in self.records for _ in range(m)]
     samples = evaluation.sample_prompts(self.sampler, self.params, [r["prompt"] for r in recs], self.key,
                                         batch_size=64, template=self.template)
@@ -312,7 +314,8 @@ def best_of_n(sft: SFTSampler, m: int, reward_dirs: dict[str, tuple[str, str]], 
 
   Returns (rows, per_prompt_sft) where per_prompt_sft[prompt] = gold of the m SFT samples.
   """
-  from alignax import evaluation, stats
+  from alignax import stats
+  from alignax.tasks import evaluation
   recs, samples = sft.sample(m)
   n_prompts = len(sft.records)
   gold = evaluation.gold_scores([r["prompt"] for r in recs], samples.texts, samples.ended).reshape(n_prompts, m)
@@ -333,7 +336,8 @@ def best_of_n(sft: SFTSampler, m: int, reward_dirs: dict[str, tuple[str, str]], 
 def confident_wrong_preference(sft: SFTSampler, reward_dir: str, mode: str = "mean") -> dict:
   """How often the reward model scores a confident wrong answer ("Sure! The capital of France is
   Rome.") above a plain correct one ("The capital of France is Paris.") on the eval fact prompts."""
-  from alignax import evaluation, stats
+  from alignax import stats
+  from alignax.tasks import evaluation
   from alignax.algorithms.reward import load_reward_model, score_samples
   model, params, _ = load_reward_model(reward_dir, mode=mode, coef=1.0)
   prefers = evaluation.confident_wrong_preferences(sft.sampler, [r["prompt"] for r in sft.records],
@@ -624,7 +628,7 @@ def main(_):
     for stage, steps in dict(pretrain=30, sft=12, reward=12).items():
       _set(cfg, f"{stage}.train.steps", steps)
       _set(cfg, f"{stage}.train.progress", False)
-    _set(cfg, "reward.train.eval_every", 0)
+    _set(cfg, "reward.eval.every", 0)
   timings = {}
   t0 = time.time()
   run_base_stages(cfg)

@@ -58,7 +58,7 @@ def _grid(task: str) -> list[tuple[str, list[str]]]:
 def _common(task: str) -> list[str]:
   init = os.path.join(_BASE.value, "pretrain" if task == "sft" else "sft")
   return [f"--config=configs/{task}.py:tiny", f"--config.init.workdir={init}",
-          f"--config.train.steps={_STEPS.value}", "--config.train.eval_every=0",
+          f"--config.train.steps={_STEPS.value}", "--config.eval.every=0",
           f"--config.eval.num_prompts={_EVAL_PROMPTS.value}", "--config.train.progress=False",
           "--config.data.loader=memory"]
 
@@ -110,7 +110,7 @@ def ensure_base() -> None:
   from alignax import checkpoint as ckpt_lib
   from alignax.algorithms import run_stage
   from alignax.config import load_config_file
-  from alignax.pipeline import stage_config
+  from alignax.algorithms.pipeline_config import stage_config
   cfg = load_config_file(os.path.join(REPO, "configs", "pipeline.py"), "tiny")
   cfg.workdir = _BASE.value
   for name in ("pretrain", "sft"):

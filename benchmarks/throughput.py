@@ -32,26 +32,27 @@ def benchmark(cfg, steps: int = 10) -> dict:
   import numpy as np
 
   from alignax import flops, parallel
-  from alignax.config import validate_common
+  from alignax.config import resolve
   from alignax.losses.lm import masked_cross_entropy
   from alignax.models import build_lm
   from alignax.train.optimizer import make_optimizer
   from alignax.train.state import TrainState
   from alignax.train.step import make_train_step
 
-  model_cfg = validate_common(cfg)
-  b, t = int(cfg.train.batch_size), int(cfg.data.seq_len)
-  placement = parallel.make_placement(cfg.parallel, model_cfg, b)
-  lm, params = build_lm(model_cfg, int(cfg.seed))
-  optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps))
+  config = resolve(cfg)
+  model_cfg = config.model
+  b, t = config.train.batch_size, config.data.seq_len
+  placement = parallel.make_placement(config.parallel, model_cfg, b)
+  lm, params = build_lm(model_cfg, config.seed)
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
 
   def loss_fn(p, batch, rng, extra, hparams):
     logits, _ = lm.apply(p, batch["tokens"], batch["positions"], batch["segment_ids"])
     return masked_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
 
   state = placement.put_state(TrainState.create(params, optimizer, jax.random.key(0)))
-  step = placement.jit_step(make_train_step(loss_fn, optimizer, accum_steps=int(cfg.train.accum_steps),
-                                            nonfinite_policy=cfg.train.nonfinite), state)
+  step = placement.jit_step(make_train_step(loss_fn, optimizer, accum_steps=config.train.accum_steps,
+                                            nonfinite_policy=config.train.nonfinite), state)
   rng = np.random.default_rng(0)
   batch = placement.put_batch(dict(
       tokens=rng.integers(0, model_cfg.vocab_size, (b, t)).astype(np.int32),

@@ -38,11 +38,10 @@ NOTES = {
 def _setup():
   import ml_collections
 
-  from alignax.config import base_config
   from alignax.models import llama_style
+  from alignax.train.config import OptimizerConfig
   model = llama_style()  # the 4.46M workload model
-  opt = base_config("bench").optimizer
-  opt.weight_decay, opt.clip_norm, opt.schedule, opt.warmup_steps, opt.lr = 0.0, 1.0, "constant", 0, 1e-5
+  opt = OptimizerConfig(weight_decay=0.0, clip_norm=1.0, schedule="constant", warmup_steps=0, lr=1e-5)
   return model, opt, ml_collections
 
 

@@ -8,7 +8,7 @@
 (SLiC), simpo, orpo, kto. `init.workdir` names the SFT run (run first when missing).
 """
 
-from alignax.algorithms.common import eval_section, init_section
+from alignax.algorithms.common import init_section
 from alignax.config import ConfigDict, base_config, world_section
 
 
@@ -26,13 +26,12 @@ def get_config(preset: str | None = None):
       kto_desirable_weight=1.0,
       kto_undesirable_weight=1.0,
   ))
-  c.eval = eval_section()
   c.optimizer.weight_decay = 0.0
   if preset == "tiny":
     c.data.seq_len = 96  # world pairs are <= 80 tokens in the world BPE
     c.train.steps = 150
     c.train.batch_size = 16
-    c.train.eval_every = 50
+    c.eval.every = 50
     c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 10
   elif preset == "standard":  # the CPU benchmark workload: 8 pairs, reference every step

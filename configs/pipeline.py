@@ -2,11 +2,13 @@
 a report.
 
   alignax pipeline --config=configs/pipeline.py:tiny --config.workdir=runs/pipeline
-  alignax pipeline --config=configs/pipeline.py:tiny --config.dpo.dpo.beta=0.05 \
-      --config.ppo.ppo.adaptive_kl=True
+  alignax pipeline --config=configs/pipeline.py:tiny --config.dpo.beta=0.05 \
+      --config.ppo.adaptive_kl=True
 
 Each stage is the stage's own config (`configs/<stage>.py`, same preset) under its name here, so
-any of its keys can be overridden (`--config.sft.train.steps=200`). `seed`, `tokenizer`, `world`
+any of its keys can be overridden (`--config.sft.train.steps=200`); a stage's own hyperparameters
+read without repeating the section (`--config.dpo.beta` is the DPO stage's `dpo.beta`, also
+spelled `--config.dpo.dpo.beta`). `seed`, `tokenizer`, `world`
 and `data.loader`/`data.tfds_dir`/`data.chat_template` are shared: set them here, not per stage. Stage i runs in
 WORKDIR/<stage> from the export of the stage before it; a finished stage (one with an export) is
 not rerun, so the command resumes where it stopped.

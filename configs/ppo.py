@@ -8,7 +8,7 @@
 `train.batch_size` prompts.
 """
 
-from alignax.algorithms.common import eval_section, init_section
+from alignax.algorithms.common import init_section
 from alignax.algorithms.reward_sources import rewards_section
 from alignax.config import ConfigDict, base_config, world_section
 
@@ -41,14 +41,13 @@ def get_config(preset: str | None = None):
       no_eos_score=-1.0,
   ))
   c.rewards = rewards_section(model=1.0)  # the reward model; add Python functions here
-  c.eval = eval_section()
   c.optimizer.weight_decay = 0.0
   c.optimizer.schedule = "constant"
   if preset == "tiny":
     c.train.steps = 40
     c.train.batch_size = 32
     c.train.log_every = 1
-    c.train.eval_every = 10
+    c.eval.every = 10
     c.optimizer.lr = 3e-5
     c.optimizer.warmup_steps = 0
   elif preset == "standard":  # the CPU benchmark workload: 8 prompts x 64 new tokens

@@ -32,7 +32,7 @@ def get_config(preset: str | None = None):
     c.train.batch_size = 32
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 40
-    c.train.eval_every = 250
+    c.eval.every = 250
   elif preset == "standard":
     c.model = model_section()
     c.data.seq_len = 128

@@ -8,7 +8,7 @@
 are {"prompt", "chosen", "rejected"} (or the conversational form), optionally with "margin".
 """
 
-from alignax.algorithms.common import eval_section, init_section
+from alignax.algorithms.common import init_section
 from alignax.config import ConfigDict, base_config, world_section
 
 
@@ -24,7 +24,6 @@ def get_config(preset: str | None = None):
       normalize_prompts=256,  # train prompts sampled for the normalization
       ensemble=1,  # K > 1: K reward models (seeds seed..seed+K-1) trained as one vmapped program
   ))
-  c.eval = eval_section()
   c.optimizer.weight_decay = 0.0
   if preset == "tiny":
     # ~2 min on 2 CPU cores from the SFT tiny export: one pass over the world's 7.8k pairs reaches
@@ -33,8 +32,8 @@ def get_config(preset: str | None = None):
     c.data.seq_len = 96
     c.train.steps = 250
     c.train.batch_size = 32
-    c.train.eval_every = 125
-    c.train.eval_batches = 13
+    c.eval.every = 125
+    c.eval.batches = 13
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 10
   elif preset == "standard":

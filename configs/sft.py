@@ -8,7 +8,7 @@
 is run into it first. Model shapes come from that export.
 """
 
-from alignax.algorithms.common import eval_section, init_section
+from alignax.algorithms.common import init_section
 from alignax.config import base_config, world_section
 
 
@@ -19,7 +19,6 @@ def get_config(preset: str | None = None):
   c.init = init_section(workdir=f"runs/pretrain_{preset}", config=f"configs/pretrain.py:{preset}")
   c.data.packing = False  # one conversation per row (padded); True packs several per row
   c.data.too_long = "truncate"  # conversations longer than seq_len: "truncate" or "skip" (counted)
-  c.eval = eval_section()
   c.optimizer.weight_decay = 0.0
   if preset == "tiny":
     # ~1 min on 2 CPU cores from the pretrain tiny export. Packed rows (~2.7 conversations per
@@ -31,7 +30,7 @@ def get_config(preset: str | None = None):
     c.data.seq_len = 96
     c.train.steps = 250
     c.train.batch_size = 32
-    c.train.eval_every = 125
+    c.eval.every = 125
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 10
   elif preset == "standard":

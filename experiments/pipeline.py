@@ -3,7 +3,7 @@
   python experiments/pipeline.py --config=configs/pipeline.py:tiny --config.workdir=runs/pipeline_tiny
 
 pretrain -> SFT -> reward model -> PPO and DPO on the world task, then WORKDIR/report.md; see
-configs/pipeline.py for the keys and alignax/pipeline.py for how stages chain and resume.
+configs/pipeline.py for the keys and alignax/commands/pipeline.py for how stages chain and resume.
 """
 
 import os

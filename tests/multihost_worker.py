@@ -42,7 +42,6 @@ def problem():
   """(model config, host params, optimizer, loss_fn, host batches): a small Llama, AdamW with
   clipping, masked cross-entropy on 5 batches of 16 x 32 with uneven loss masks."""
   import jax
-  import ml_collections
   import numpy as np
 
   from alignax.losses.lm import masked_cross_entropy
@@ -53,9 +52,9 @@ def problem():
                       max_seq_len=64)
   lm, params = build_lm(model, 0)
   params = jax.device_get(params)  # host copies: every layout starts from the same numbers
-  opt_cfg = ml_collections.ConfigDict(dict(
-      lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, warmup_steps=0,
-      schedule="constant", min_lr_ratio=0.1, decay_embeddings_and_norms=False))
+  from alignax.train.config import OptimizerConfig
+  opt_cfg = OptimizerConfig(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, warmup_steps=0,
+                            schedule="constant", min_lr_ratio=0.1, decay_embeddings_and_norms=False)
   optimizer = make_optimizer(opt_cfg, 100)
 
   def loss_fn(p, batch, rng, extra, hparams):

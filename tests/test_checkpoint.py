@@ -31,7 +31,7 @@ from cli_helpers import wait_for as _wait_for
 def test_sigkill_then_resume_reproduces_every_metric(tmp_path):
   # Enough steps that the run is still going when the kill lands (compiled steps are fast).
   args = SMALL_PRETRAIN + ["--config.train.steps=200", "--config.train.log_every=1",
-                           "--config.train.eval_every=50", "--config.checkpoint.every=5"]
+                           "--config.eval.every=50", "--config.checkpoint.every=5"]
   ref = str(tmp_path / "uninterrupted")
   run_cli(*args, f"--config.workdir={ref}")
 
@@ -56,7 +56,7 @@ def test_kill_during_async_saves_never_leaves_a_broken_latest(tmp_path):
   """Saving every step and killing at random moments: the latest complete step always restores."""
   workdir = str(tmp_path / "run")
   args = SMALL_PRETRAIN + ["--config.train.steps=400", "--config.train.log_every=1",
-                           "--config.train.eval_every=0", "--config.checkpoint.every=1",
+                           "--config.eval.every=0", "--config.checkpoint.every=1",
                            f"--config.workdir={workdir}"]
   rng = random.Random(1)
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -82,7 +82,7 @@ def test_kill_during_async_saves_never_leaves_a_broken_latest(tmp_path):
 def test_sigterm_stops_at_a_step_boundary_saves_and_exits_zero(tmp_path):
   workdir = str(tmp_path / "run")
   args = SMALL_PRETRAIN + ["--config.train.steps=500", "--config.train.log_every=1",
-                           "--config.train.eval_every=0", f"--config.workdir={workdir}"]
+                           "--config.eval.every=0", f"--config.workdir={workdir}"]
   proc = start_cli(*args)
   _wait_for(lambda: last_step(workdir) >= 5, what="step 5")
   proc.send_signal(signal.SIGTERM)
@@ -101,7 +101,7 @@ def test_halt_policy_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   # A huge learning rate overflows the params within a few steps.
   proc = run_cli(*SMALL_PRETRAIN, "--config.train.steps=200", "--config.train.log_every=1",
-                 "--config.train.eval_every=0", "--config.checkpoint.every=1",
+                 "--config.eval.every=0", "--config.checkpoint.every=1",
                  "--config.optimizer.lr=1e12", "--config.optimizer.clip_norm=0",
                  "--config.optimizer.warmup_steps=0", "--config.optimizer.schedule=constant",
                  "--config.train.nonfinite=halt", f"--config.workdir={workdir}", check=False)

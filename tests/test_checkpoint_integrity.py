@@ -260,7 +260,7 @@ def test_check_resume_refuses_changes_that_change_the_numbers(tmp_path):
 
 def test_check_resume_allows_harmless_changes_and_resume_changed_allow(tmp_path, capsys, caplog):
   _save(tmp_path, _dpo_cfg(tmp_path), _state())
-  harmless = _set(_dpo_cfg(tmp_path), train__steps=300, train__log_every=1, train__eval_every=0,
+  harmless = _set(_dpo_cfg(tmp_path), train__steps=300, train__log_every=1, eval__every=0,
                   checkpoint__keep=5, model__remat="none", eval__num_prompts=8)
   ckpt_lib.check_resume(str(tmp_path), harmless)
   assert "train.steps changed from 150 to 300" in capsys.readouterr().err  # the schedule stretches

@@ -13,16 +13,16 @@ import pytest
 from flax import nnx
 
 from alignax import checkpoint as ckpt_lib
-from alignax import evaluation
+from alignax.tasks import evaluation
 from alignax.checkpoint_params import load_latest_params
-from alignax.config import load_config_file, read_config, save_config
-from alignax.data.sources import resolve_tokenizer
+from alignax.config import load_config_file, read_config, resolve, save_config
 from alignax.data.tokenizer import ByteTokenizer
 from alignax.generation import Sampler, SamplingConfig
-from alignax.generation.cli import sample_main
+from alignax.commands.sample import main as sample_main
 from alignax.models import abstract_lm, build_lm
 from alignax.models.config import ModelConfig
-from alignax.report import eval_main
+from alignax.commands.eval import main as eval_main
+from alignax.train.runner import stage_tokenizer
 from alignax.train.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def _expected_output(workdir, params):
   of `params`, sampled here directly."""
   cfg = read_config(workdir)
   lm, _ = abstract_lm(ModelConfig.from_mapping(cfg.model.to_dict()))
-  sampler = Sampler(lm, resolve_tokenizer(cfg), SamplingConfig(temperature=0.0, max_new_tokens=12))
+  sampler = Sampler(lm, stage_tokenizer(resolve(cfg)), SamplingConfig(temperature=0.0, max_new_tokens=12))
   out = evaluation.sample_prompts(sampler, params, PROMPTS, jax.random.key(0), fmt="raw",
                                   batch_size=len(PROMPTS))
   return "".join(f"> {p}\n{t}{'' if e else ' [no <eos>]'}\n\n"
@@ -182,7 +182,7 @@ def test_a_pretrain_run_stopped_before_its_export_samples_and_evaluates(tmp_path
       "model.d_model": 64, "model.n_layers": 2, "model.d_ff": 128, "train.batch_size": 4,
       "data.seq_len": 64, "data.loader": "memory", "train.progress": False,
       "world.pretrain_bytes": 200000, "optimizer.warmup_steps": 1, "train.steps": 2,
-      "train.eval_every": 0, "train.eval_batches": 1, "checkpoint.every": 1, "parallel.mesh.data": 1}))
+      "eval.every": 0, "eval.batches": 1, "checkpoint.every": 1, "parallel.mesh.data": 1}))
   shutil.rmtree(ckpt_lib.export_path(workdir))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
   final = jax.device_get(result.state.params)

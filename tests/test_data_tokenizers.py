@@ -7,7 +7,7 @@ from alignax.data import chat
 from alignax.data.schemas import DataError
 from alignax.data.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
 from alignax.data.tokenizer import ByteTokenizer
-from alignax.data.tokenizer import make_tokenizer
+from alignax.data.tokenizers import make_tokenizer
 
 TEXTS = ([f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
          + ["Hello, world! How are you today?"] * 20)

@@ -12,10 +12,10 @@ import signal
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from alignax.data import pipeline, readers, sources, tfds_builders
+from alignax.data.config import DataConfig
 from alignax.data.schemas import DataError
 from alignax.data.tokenizer import ByteTokenizer
 from cli_helpers import REPO, SMALL_PRETRAIN, cli_env, metric_rows, run_cli
@@ -51,10 +51,10 @@ def _mixed(tmp_path, invalid=False):
 
 
 def _cfg(tmp_path, train_files, *, loader, bad_records="error", eval_files="", eval_records=0):
-  return ml_collections.ConfigDict({"data": {
+  return DataConfig.from_mapping({
       "source": "files", "train_files": train_files, "eval_files": eval_files,
       "bad_records": bad_records, "loader": loader, "tfds_dir": str(tmp_path / "tfds"),
-      "eval_records": eval_records, "text_mode": "lines"}})
+      "eval_records": eval_records, "text_mode": "lines"})
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import pytest
 
 from alignax.algorithms import dpo, reference_cache
 from alignax.data import pipeline
+from alignax.data.batching import BatchOptions
 from alignax.data.tokenizer import ByteTokenizer
 from alignax.models import build_lm
 from alignax.train.state import TrainState
@@ -80,7 +81,7 @@ def base_run(tmp_path_factory):
 DPO_ARGS = ["train", "--config=configs/dpo.py:tiny", "--config.data.source=files",
             "--config.data.loader=memory", "--config.train.steps=3", "--config.train.batch_size=4",
             "--config.data.seq_len=64", "--config.train.progress=False", "--config.eval.num_prompts=0",
-            "--config.train.eval_every=0", "--config.data.eval_records=2"]
+            "--config.eval.every=0", "--config.data.eval_records=2"]
 
 
 def _write(path, records):
@@ -110,6 +111,7 @@ def test_bad_pairs_are_rejected_with_file_and_line_or_skipped_and_counted(tmp_pa
 # pipeline and data.
 
 COMMON = dict(batch_size=4, seq_len=48, bad_records="error", chat_template="markers")
+BATCHING = BatchOptions(batch_size=4, bad_records="error", chat_template="markers")
 
 
 def _cache_ctx(model, ref_workdir):
@@ -150,7 +152,7 @@ def test_reference_cache_is_reused_only_for_the_reference_it_was_computed_with(t
   def precompute(params, key):
     caplog.clear()
     with caplog.at_level(logging.INFO):
-      return dpo.precompute_reference(ctx, lm, params, RECORDS, COMMON, path, key)
+      return dpo.precompute_reference(ctx, lm, params, RECORDS, BATCHING, 48, path, key)
 
   key_a = export(params_a)
   chosen_a, rejected_a = precompute(params_a, key_a)

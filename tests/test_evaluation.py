@@ -8,10 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from alignax import evaluation
-from alignax.algorithms.common import eval_section
+from alignax.tasks import evaluation
+from alignax.config import base_config, resolve
 from alignax.algorithms.world_eval import WorldEvaluator
-from alignax.config import ConfigDict
 from alignax.data.tokenizer import ByteTokenizer
 from alignax.models import build_lm
 from alignax.tasks import world_gold as wg
@@ -67,10 +66,11 @@ def test_sequence_kls_sum_each_row_and_average_to_sequence_kl():
 
 def test_several_samples_per_prompt_are_scored_and_saved(tmp_path, tiny_llama):
   lm, params = build_lm(dataclasses.replace(tiny_llama, max_seq_len=128), seed=0)
-  cfg = ConfigDict(dict(seed=0, workdir=str(tmp_path), data=ConfigDict(dict(chat_template="markers")),
-                        eval=eval_section(num_prompts=4, max_new_tokens=6, batch_size=8, showcase=False,
-                                          samples_per_prompt=3, save_samples=True)))
-  ev = WorldEvaluator(cfg, lm, ByteTokenizer(), records=RECORDS)
+  cfg = base_config("sft")
+  cfg.workdir = str(tmp_path)
+  cfg.eval.update(dict(num_prompts=4, max_new_tokens=6, batch_size=8, showcase=False, samples_per_prompt=3,
+                       save_samples=True))
+  ev = WorldEvaluator(resolve(cfg), lm, ByteTokenizer(), records=RECORDS)
   metrics = ev(params, step=7, reference=(lm, params), proxy=lambda s: np.arange(len(s.texts), dtype=float))
   path = os.path.join(tmp_path, "eval_samples", "step_00000007.jsonl")
   with open(path, encoding="utf-8") as f:

@@ -17,9 +17,10 @@ import pytest
 
 from alignax import metrics as metrics_lib
 from alignax import parallel
-from alignax.config import ConfigError, base_config, load_config_file, validate_common
+from alignax.config import ConfigError, base_config, load_config_file, resolve
 from alignax.train import loop as loop_lib
 from alignax.train import workdir_lock
+from alignax.train.config import TrainConfig
 from alignax.train.state import TrainState
 from alignax.train.step import make_train_step
 from cli_helpers import REPO, SMALL_PRETRAIN, run_cli
@@ -45,7 +46,7 @@ def test_validation_refuses_bad_settings_by_name(key, value, words):
   section, name = key.split(".")
   cfg[section][name] = value
   with pytest.raises(ConfigError, match=rf"config\.{key}:") as e:
-    validate_common(cfg)
+    resolve(cfg)
   assert words in str(e.value)
 
 
@@ -53,7 +54,7 @@ def test_validation_refuses_negative_eval_prompts():
   cfg = load_config_file(os.path.join(REPO, "configs/dpo.py"), "tiny")
   cfg.eval.num_prompts = -3
   with pytest.raises(ConfigError, match=r"config\.eval\.num_prompts: must be >= 0"):
-    validate_common(cfg)
+    resolve(cfg)
 
 
 def test_an_upstream_stage_is_validated_before_any_stage_runs(tmp_path):
@@ -121,9 +122,9 @@ def _toy_run(total, poison):
 
 
 def _loop_cfg(**train):
-  values = dict(log_every=1, eval_every=0, progress=False, nonfinite="skip", max_nonfinite=0.1)
+  values = dict(log_every=1, progress=False, nonfinite="skip", max_nonfinite=0.1)
   values.update(train)
-  return ml_collections.ConfigDict(dict(train=values, checkpoint=dict(every=0)))
+  return TrainConfig(**values)
 
 
 def _toy_placement():
@@ -150,17 +151,17 @@ def test_a_few_nonfinite_steps_within_the_budget_are_skipped(tmp_path):
 
 def test_a_rerun_of_a_finished_run_writes_no_second_final_row(tmp_path):
   from alignax import checkpoint as ckpt_lib
-  cfg = _loop_cfg()
-  cfg.checkpoint = ml_collections.ConfigDict(dict(every=5, keep=2, async_save=False))
+  cfg = base_config("pretrain")
+  cfg.checkpoint.update(dict(every=5, keep=2, async_save=False))
   cfg.workdir = str(tmp_path)
-  cfg.model = base_config("pretrain").model
   rows = []
   for _ in range(2):
     writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False)
     run = _toy_run(10, poison=[])
     run.evaluate = lambda state: {"w0": float(state.params["w"][0])}
     checkpointer = ckpt_lib.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
-    loop_lib.run_loop(run, cfg, placement=_toy_placement(), writer=writer, checkpointer=checkpointer)
+    loop_lib.run_loop(run, _loop_cfg(), checkpoint_every=5, placement=_toy_placement(), writer=writer,
+                      checkpointer=checkpointer)
     checkpointer.close()
     rows.append(metrics_lib.read_metrics(str(tmp_path)))
   assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]]
@@ -247,7 +248,7 @@ def test_two_cli_runs_on_one_workdir_the_second_refuses(tmp_path):
   from cli_helpers import last_step, start_cli, wait_for
   workdir = str(tmp_path / "run")
   args = SMALL_PRETRAIN + ["--config.train.steps=2000", "--config.train.log_every=1",
-                           "--config.train.eval_every=0", f"--config.workdir={workdir}"]
+                           "--config.eval.every=0", f"--config.workdir={workdir}"]
   first = start_cli(*args)
   try:
     wait_for(lambda: last_step(workdir) >= 1 or first.poll() is not None, what="the first run's step 1")

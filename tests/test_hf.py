@@ -181,7 +181,7 @@ def test_original_gpt2_names_and_buffers(transformers, tmp_path):
 def test_grow_vocab_and_shorter_positions(transformers, tmp_path):
   """pad_vocab_to adds mean rows (old logits unchanged); max_seq_len trims GPT-2's table."""
   from alignax.models.hf import import_hf
-  ref = hf_logits(make_hf_model(transformers, "gpt2_untied", tmp_path))
+  make_hf_model(transformers, "gpt2_untied", tmp_path)
   cfg, params, _ = import_hf(str(tmp_path), pad_vocab_to=V + 4, mean_init_ids=[7], max_seq_len=32)
   assert cfg.vocab_size == V + 4 and cfg.max_seq_len == 32
   embed, head = np.asarray(params["embed"][...]), np.asarray(params["lm_head"][...])
@@ -298,7 +298,7 @@ def make_tokenizer_dir(path, specials=("<|endoftext|>",), config=None) -> str:
 def test_hf_tokenizer_protocol(tmp_path):
   from alignax.data import chat
   from alignax.data.hf_tokenizer import HFTokenizer
-  from alignax.data.tokenizer import make_tokenizer
+  from alignax.data.tokenizers import make_tokenizer
   path = make_tokenizer_dir(tmp_path)
   tok = make_tokenizer(path)  # a directory holding tokenizer.json
   assert isinstance(tok, HFTokenizer)
@@ -350,7 +350,7 @@ def test_hf_tokenizer_special_tokens_from_config(tmp_path):
 
 def test_hf_tokenizer_errors(tmp_path):
   from alignax.data.hf_tokenizer import HFTokenizer
-  from alignax.data.tokenizer import make_tokenizer
+  from alignax.data.tokenizers import make_tokenizer
   with pytest.raises(DataError, match="tokenizer file not found"):
     make_tokenizer(str(tmp_path / "tokenizer.json"))
   with pytest.raises(DataError, match="the directory has no tokenizer.json"):
@@ -374,9 +374,9 @@ def test_hf_tokenizer_errors(tmp_path):
 def test_import_hf_main_writes_an_export(transformers, tmp_path, capsys):
   """The CLI entry point: export readable by any stage, tokenizer copied, vocab grown to fit."""
   from alignax.checkpoint import export_model_config, load_export
-  from alignax.data.tokenizer import make_tokenizer
+  from alignax.data.tokenizers import make_tokenizer
   from alignax.models import abstract_lm
-  from alignax.models.hf import import_hf_main
+  from alignax.commands.import_hf import main as import_hf_main
   model = make_hf_model(transformers, "llama", tmp_path / "hf")
   make_tokenizer_dir(tmp_path / "hf", ("<s>", "</s>"))
   import_hf_main(types.SimpleNamespace(src=str(tmp_path / "hf"), dst=str(tmp_path / "run"),

@@ -92,7 +92,7 @@ def _check(args, tmp_path, seed: int) -> list[str]:
 @pytest.mark.slow
 def test_pretraining_killed_anywhere_ends_as_if_never_killed(tmp_path):
   args = SMALL_PRETRAIN + ["--config.train.steps=16", "--config.train.log_every=1",
-                           "--config.train.eval_every=8", "--config.checkpoint.every=4"]
+                           "--config.eval.every=8", "--config.checkpoint.every=4"]
   _check(args, tmp_path, seed=0)
 
 
@@ -110,6 +110,6 @@ def test_dpo_killed_anywhere_ends_as_if_never_killed(tmp_path):
           f"--config.data.train_files={data}", "--config.data.eval_records=4",
           "--config.data.loader=memory", f"--config.init.workdir={base}", "--config.train.steps=12",
           "--config.train.batch_size=4", "--config.data.seq_len=64", "--config.train.progress=False",
-          "--config.eval.num_prompts=0", "--config.train.log_every=1", "--config.train.eval_every=4",
+          "--config.eval.num_prompts=0", "--config.train.log_every=1", "--config.eval.every=4",
           "--config.checkpoint.every=3"]
   _check(args, tmp_path, seed=1)

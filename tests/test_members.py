@@ -12,7 +12,7 @@ import pytest
 from alignax import checkpoint as ckpt_lib
 from alignax import parallel
 from alignax.config import ConfigDict, ConfigError, load_config_file
-from alignax.sweep import parse_grid, plan_groups, run_sweep, run_vectorized_sweep
+from alignax.commands.sweep import parse_grid, plan_groups, run_sweep
 from alignax.train import members as members_lib
 from alignax.train.state import TrainState
 from alignax.train.step import make_train_step
@@ -150,7 +150,7 @@ def test_a_single_run_refuses_a_members_axis():
 # ------------------------------------------------------------------------------------ end to end
 
 SMALL = {"train.batch_size": 4, "data.loader": "memory", "train.progress": False,
-         "world.pretrain_bytes": 200000, "train.eval_every": 0, "parallel.mesh.data": 1}
+         "world.pretrain_bytes": 200000, "eval.every": 0, "parallel.mesh.data": 1}
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_sft_members_are_exactly_their_separate_runs_after_a_sigkill(upstream, t
   specs = ["optimizer.lr=0.001,0.003", "seed=0,1"]
   out = str(tmp_path / "vec")
   flat = {**SMALL, "init.workdir": upstream["pretrain"], "train.steps": 20, "train.log_every": 1,
-          "train.eval_every": 10, "eval.num_prompts": 4, "checkpoint.every": 4}
+          "eval.every": 10, "eval.num_prompts": 4, "checkpoint.every": 4}
   args = ["sweep", "--config=configs/sft.py:tiny", f"--out={out}", "--vectorize",
           *[f"--grid={s}" for s in specs], *[f"--config.{k}={v}" for k, v in flat.items()]]
   proc = start_cli(*args, devices=1)

@@ -140,7 +140,7 @@ def _assert_same_metrics(rows, reference, steps=None):
 def test_two_process_pmap_cli_run_matches_one_process_and_resumes(tmp_path):
   workdir, refdir = str(tmp_path / "run"), str(tmp_path / "reference")
   args = [*SMALL_PRETRAIN, "--config.parallel.mode=pmap", "--config.train.batch_size=8", "--config.train.steps=6",
-          "--config.train.log_every=1", "--config.train.eval_every=3", "--config.train.eval_batches=2",
+          "--config.train.log_every=1", "--config.eval.every=3", "--config.eval.batches=2",
           "--config.optimizer.warmup_steps=2", "--config.checkpoint.every=3", "--config.checkpoint.keep=3"]
 
   def two_processes():

@@ -365,7 +365,7 @@ def _run_pretrain(workdir, mode, **overrides):
   values = {"model.d_model": 64, "model.n_layers": 2, "model.d_ff": 128, "train.batch_size": 8,
             "data.seq_len": 64, "data.loader": "memory", "train.progress": False,
             "world.pretrain_bytes": 200000, "optimizer.warmup_steps": 2, "train.steps": 4,
-            "train.log_every": 1, "train.eval_every": 2, "train.eval_batches": 2,
+            "train.log_every": 1, "eval.every": 2, "eval.batches": 2,
             "parallel.mode": mode, "workdir": str(workdir)}
   values.update(overrides)
   for key, value in values.items():

@@ -13,7 +13,7 @@ SMALL = ["pipeline", "--config=configs/pipeline.py:tiny", "--config.report.num_p
          "--config.data.loader=memory", "--config.reward.reward.normalize_prompts=16"]
 for _stage, _steps in dict(pretrain=30, sft=12, reward=12, ppo=2, grpo=2, rloo=2, dpo=12).items():
   SMALL += [f"--config.{_stage}.train.steps={_steps}", f"--config.{_stage}.train.progress=False",
-            f"--config.{_stage}.train.eval_every=0"]
+            f"--config.{_stage}.eval.every=0"]
   if _stage != "pretrain":
     SMALL.append(f"--config.{_stage}.eval.num_prompts=16")
 
@@ -101,7 +101,7 @@ def test_rl_stages_train_under_pmap_on_8_devices(pipeline_dir, tmp_path, stage):
   extra = ["--config.rewards.functions=alignax.tasks.world_gold:gold_reward=0.5"] if stage == "grpo" else []
   run_cli("train", f"--config=configs/{stage}.py:tiny", f"--config.workdir={workdir}",
           f"--config.init.workdir={pipeline_dir}/sft", f"--config.reward_model.workdir={pipeline_dir}/reward",
-          "--config.parallel.mode=pmap", "--config.train.steps=2", "--config.train.eval_every=0",
+          "--config.parallel.mode=pmap", "--config.train.steps=2", "--config.eval.every=0",
           "--config.eval.num_prompts=16", "--config.data.loader=memory", "--config.train.progress=False",
           *extra, devices=8)
   rows = [r for r in metric_rows(workdir) if "train/loss" in r]
@@ -120,7 +120,7 @@ def test_a_failing_reward_function_stops_the_run_with_its_name_and_record_after_
   args = ["train", "--config=configs/grpo.py:tiny", f"--config.workdir={workdir}",
           f"--config.init.workdir={pipeline_dir}/sft", "--config.rewards.model=0",
           "--config.rewards.functions=tests.reward_fixtures:fails_on_second_batch",
-          "--config.train.steps=4", "--config.train.eval_every=0", "--config.eval.num_prompts=16",
+          "--config.train.steps=4", "--config.eval.every=0", "--config.eval.num_prompts=16",
           "--config.data.loader=memory", "--config.train.progress=False"]
   proc = subprocess.run([sys.executable, "-m", "alignax.cli", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)

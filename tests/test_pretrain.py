@@ -11,7 +11,7 @@ from cli_helpers import SMALL_PRETRAIN, metric_rows, run_cli
 @pytest.mark.slow
 def test_pretrain_lowers_held_out_loss_and_writes_metrics(tmp_path):
   workdir = str(tmp_path / "pt")
-  run_cli(*SMALL_PRETRAIN, "--config.train.steps=80", "--config.train.eval_every=40",
+  run_cli(*SMALL_PRETRAIN, "--config.train.steps=80", "--config.eval.every=40",
           "--config.optimizer.lr=3e-3", f"--config.workdir={workdir}")
   rows = metric_rows(workdir)
   evals = [r for r in rows if "eval/loss" in r]

@@ -4,7 +4,9 @@ the unchanged world metrics, and the intervals are those of a plain percentile b
 import numpy as np
 import pytest
 
-from alignax import evaluation, report, stats
+from alignax import stats
+from alignax.commands import report
+from alignax.tasks import evaluation
 
 PROMPTS = {
     "fact": ("What is the capital of France?", "What is the capital of Italy?", "What is 3 plus 4?"),

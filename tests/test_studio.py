@@ -203,7 +203,7 @@ def test_the_labels_file_trains_a_reward_model(client, runs, tmp_path):
           f"--config.init.workdir={runs}/sft", "--config.data.source=files",
           f"--config.data.train_files={store.path}", "--config.data.eval_records=4",
           "--config.data.loader=memory", "--config.train.steps=6", "--config.train.batch_size=4",
-          "--config.train.eval_every=0", "--config.train.progress=False", timeout=300)
+          "--config.eval.every=0", "--config.train.progress=False", timeout=300)
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in rows if "train/loss" in r][-1] == 6
   evals = [r for r in rows if "eval/accuracy" in r]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from alignax.config import ConfigError, load_config_file
-from alignax.sweep import (final_eval, format_table, grid_points, parse_grid, point_config,
+from alignax.commands.sweep import (final_eval, format_table, grid_points, parse_grid, point_config,
                            summarize)
 from cli_helpers import REPO, SMALL_PRETRAIN, metric_rows, run_cli
 
@@ -86,7 +86,7 @@ def test_final_eval_takes_the_last_finite_value_of_each_eval_metric():
 @pytest.mark.slow
 def test_sweep_cli_runs_each_point_once_and_summarizes(tmp_path):
   out = str(tmp_path / "sweep")
-  args = ["sweep", *SMALL_PRETRAIN[1:], "--config.train.steps=6", "--config.train.eval_every=6",
+  args = ["sweep", *SMALL_PRETRAIN[1:], "--config.train.steps=6", "--config.eval.every=6",
           f"--out={out}", "--grid=optimizer.lr=0.001,0.003", "--grid=seed=0,1",
           "--metrics=eval/loss"]
   proc = run_cli(*args)

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from alignax.losses.lm import masked_cross_entropy
 from alignax.models import build_lm
 from alignax.train import optimizer as opt_lib
+from alignax.train.config import OptimizerConfig
 from alignax.train.state import TrainState
 from alignax.train.step import accumulate_gradients, make_train_step
 
@@ -18,7 +18,7 @@ def _opt_cfg(**kw):
   base = dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, warmup_steps=3,
               schedule="cosine", min_lr_ratio=0.1, decay_embeddings_and_norms=False)
   base.update(kw)
-  return ml_collections.ConfigDict(base)
+  return OptimizerConfig(**base)
 
 
 def _lm_loss(lm):

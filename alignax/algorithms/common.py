@@ -1,14 +1,15 @@
-"""Pieces several stages share: per-process data slicing, fixed eval batches, LM state init."""
+"""Pieces several stages share: per-process batching options and datasets, LM state init,
+loading an LM export."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable
 
 import jax
-import numpy as np
 
 from alignax import parallel
+from alignax.data.batching import BatchOptions
+from alignax.data.datasets import Datasets, get_datasets
 from alignax.models import LanguageModel, abstract_lm, build_lm
 from alignax.models.config import ModelConfig
 from alignax.train.state import TrainState
@@ -23,19 +24,30 @@ def process_batch_size(global_batch: int) -> int:
   return global_batch // n
 
 
-def shard_args() -> dict:
-  """Each process reads a disjoint slice of the records."""
-  return dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+def batch_options(config) -> BatchOptions:
+  """This process's `BatchOptions` for a stage's training data (a `RunConfig`): its share of
+  `train.batch_size`, its slice of the records, the run's seed, policy and chat template."""
+  return BatchOptions(batch_size=process_batch_size(config.train.batch_size),
+                      bad_records=config.data.bad_records, seed=config.seed, num_epochs=None,
+                      shard_index=jax.process_index(), shard_count=jax.process_count(),
+                      chat_template=config.data.chat_template)
 
 
-def take_batches(iterator, n: int) -> list:
-  """The first `n` batches of an iterator as a list (fixed eval sets are read once and reused)."""
-  return list(itertools.islice(iterator, n))
+def stage_datasets(ctx, fmt: str, splits=None) -> Datasets:
+  """`get_datasets` for a stage: its train iterator and `eval.batches` fixed eval batches."""
+  config = ctx.config
+  return get_datasets(fmt, config.data, ctx.tokenizer, batch_options(config),
+                      eval_batches=config.eval.batches, world=config.world, splits=splits)
 
 
-def tokens_in(batch) -> int:
-  """Non-padding tokens in a host LM batch, over all processes."""
-  return int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+def load_lm_export(workdir: str, model: ModelConfig | None = None, placement=None):
+  """(lm, params) of a stage's LM export (`model`: the export's own config by default), laid out
+  on `placement`'s mesh when given (else on the default device)."""
+  from alignax import checkpoint as ckpt_lib
+  lm, abstract = abstract_lm(model if model is not None else ckpt_lib.export_model_config(workdir))
+  sharding = placement.state_sharding(abstract) if placement is not None else None
+  params, _ = ckpt_lib.load_export(workdir, abstract, sharding)
+  return lm, params
 
 
 def init_lm_state(placement: parallel.Placement, model: ModelConfig, optimizer, seed: int,
@@ -62,35 +74,11 @@ def init_lm_state(placement: parallel.Placement, model: ModelConfig, optimizer, 
 # Chaining stages: start from the export of the stage this one builds on.
 
 
-def init_section(workdir: str, config: str) -> "ConfigDict":
+def init_section(workdir: str, config: str) -> "ConfigDict":  # noqa: F821
   """`init.*`: the run this stage starts from (its WORKDIR), and the config that makes it
   (`path:preset`) when it has to be run first."""
   from alignax.config import ConfigDict
   return ConfigDict(dict(workdir=workdir, config=config, run_if_missing=True))
-
-
-def ensure_export(init_cfg) -> str:
-  """The workdir of a finished previous stage, running it first when it is missing.
-
-  Raises CheckpointError when it is missing and `init.run_if_missing` is False.
-  """
-  from absl import logging
-
-  from alignax import checkpoint as ckpt_lib
-  workdir = init_cfg.workdir
-  if ckpt_lib.has_export(workdir):
-    return workdir
-  if not init_cfg.run_if_missing or not init_cfg.config:
-    raise ckpt_lib.CheckpointError(f"config.init.workdir: {workdir} has no finished export; run "
-                                   f"that stage first or set config.init.run_if_missing=True")
-  from alignax.algorithms import run_stage
-  prev = upstream_config(init_cfg)
-  logging.warning("%s has no export: running %s into it first", workdir, init_cfg.config)
-  print(f"alignax: {workdir} is missing; running {init_cfg.config} first", flush=True)
-  result = run_stage(prev)
-  if not result.finished:
-    raise ckpt_lib.CheckpointError(f"the previous stage in {workdir} stopped before finishing")
-  return workdir
 
 
 def upstream_config(init_cfg) -> "ConfigDict":  # noqa: F821
@@ -102,16 +90,20 @@ def upstream_config(init_cfg) -> "ConfigDict":  # noqa: F821
   return prev
 
 
-def adopt_export(cfg, workdir: str, chat_stages=()) -> "ModelConfig":  # noqa: F821
-  """Takes the model and tokenizer of the export this stage starts from (see `adopt_model`).
+def adopt_export(cfg, workdir: str, chat_stages=()) -> "ConfigDict":  # noqa: F821
+  """A copy of `cfg` with the model and tokenizer of the export this stage starts from (see
+  `adopt_model`); `cfg` itself is not changed.
 
   The tokenizer must be the one the model was trained with, so the export's wins; a config that
   named another one is told so in the log. An export of one of `chat_stages` (the registry's)
   also gives its chat template.
   """
+  import copy
+
   from absl import logging
 
   from alignax import checkpoint as ckpt_lib
+  cfg = copy.deepcopy(cfg)
   meta = ckpt_lib.read_export_meta(workdir)
   if meta["tokenizer"] != cfg.tokenizer:
     logging.warning("using the tokenizer of %s (%s) instead of config.tokenizer=%s", workdir,
@@ -126,12 +118,14 @@ def adopt_export(cfg, workdir: str, chat_stages=()) -> "ModelConfig":  # noqa: F
                     workdir, template, cfg.data.chat_template)
     with cfg.unlocked():
       cfg.data.chat_template = template
-  return adopt_model(cfg, ckpt_lib.export_model_config(workdir))
+  adopt_model(cfg, ckpt_lib.export_model_config(workdir))
+  return cfg
 
 
 def adopt_model(cfg, exported: "ModelConfig") -> "ModelConfig":  # noqa: F821
-  """The exported model's shapes with this config's compute choices (dtype, remat, scan_unroll);
-  `cfg.model` is updated so the resolved config shows the model actually trained."""
+  """The exported model's shapes with this config's compute choices (dtype, remat, scan_unroll),
+  written into `cfg.model` (in place: `adopt_export` calls it on its own copy) so the resolved
+  config shows the model actually trained."""
   import dataclasses
   compute = {k: cfg.model[k] for k in ("dtype", "remat", "scan_unroll") if k in cfg.model}
   model = dataclasses.replace(exported, **compute)
@@ -139,13 +133,3 @@ def adopt_model(cfg, exported: "ModelConfig") -> "ModelConfig":  # noqa: F821
     for k, v in dataclasses.asdict(model).items():
       cfg.model[k] = v
   return model
-
-
-def eval_section(**overrides) -> "ConfigDict":
-  """`eval.*`: sampling-based evaluation on the world's prompts."""
-  from alignax.config import ConfigDict
-  values = dict(num_prompts=64, temperature=1.0, max_new_tokens=64, batch_size=32, showcase=True,
-                samples_per_prompt=1,  # responses sampled per eval prompt
-                save_samples=False)  # every sample to WORKDIR/eval_samples/step_<step>.jsonl
-  values.update(overrides)
-  return ConfigDict(values)

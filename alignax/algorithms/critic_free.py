@@ -9,8 +9,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from alignax.algorithms.common import eval_section, init_section
-from alignax.algorithms.online import (RLState, common_validate, copy_tree, load_policy_and_reference,
+from alignax.algorithms.common import init_section, load_lm_export
+from alignax.algorithms.online import (RLState, common_validate, copy_tree,
                                        load_reward, prompt_batches, prompt_source, row_mean, sample,
                                        update_epochs, validate_kl, world_evaluate)
 from alignax.algorithms.reward_sources import (RewardSources, check_rewards_after_step,
@@ -54,7 +54,6 @@ def group_config(stage: str, preset: str, **section) -> ConfigDict:
   c.reward_model = init_section(workdir=f"runs/reward_{preset}", config=f"configs/reward.py:{preset}")
   c[stage] = group_section(**section)
   c.rewards = rewards_section(model=1.0)
-  c.eval = eval_section()
   c.optimizer.weight_decay = 0.0
   c.optimizer.schedule = "constant"
   c.optimizer.warmup_steps = 0
@@ -63,7 +62,7 @@ def group_config(stage: str, preset: str, **section) -> ConfigDict:
     c.train.steps = 60
     c.train.batch_size = 16  # prompts; x group_size = 64 rollout rows
     c.train.log_every = 1
-    c.train.eval_every = 20
+    c.eval.every = 20
     s.num_minibatches = 2
     s.num_iterations = 2
     c.optimizer.lr = 5e-5
@@ -122,6 +121,9 @@ def make_group_iteration(lm, sources: RewardSources, optimizer, gcfg, sampling: 
   max_len = float(sampling.max_new_tokens)
 
   def loss_fn(params, mb, hp, kl_coef):
+    """Loss of a minibatch of whole groups {"prompt_tokens", "prompt_mask" [B, P] (each prompt
+    `group_size` times), "response", "mask", "advantages", "weights" (and "old_logp", "ref_logp")
+    [B, R]}: (the clipped surrogate (+ KL loss term) aggregated by `loss_agg`, its count, metrics)."""
     # Minibatches hold whole groups: each prompt runs through the model once.
     logp = grouped_response_logprobs(lm, params, mb["prompt_tokens"][::g], mb["prompt_mask"][::g],
                                      mb["response"], mb["mask"], g, temp)
@@ -185,23 +187,24 @@ def build_group_run(ctx, algorithm, advantages, clip_range):
   """The Run of a critic-free group method (GRPO, RLOO): prompts, policy = the init export,
   frozen reference, reward sources, the group iteration, world evaluation."""
   cfg = ctx.cfg
+  config = ctx.config
   gcfg = cfg[algorithm.section]
-  records = prompt_source(cfg)
+  records = prompt_source(ctx.config)
   prompts = prompt_batches(ctx, records, int(gcfg.prompt_len))
-  lm, init_params = load_policy_and_reference(ctx)
+  lm, init_params = load_lm_export(ctx.cfg.init.workdir, ctx.model, ctx.placement)
   reward_model, rm_params = load_reward(ctx, needed=float(cfg.rewards.model) != 0)
   sources_ = make_reward_sources(cfg, ctx.tokenizer, records, reward_model)
-  updates = int(cfg.train.steps) * int(gcfg.num_iterations) * int(gcfg.num_minibatches)
-  optimizer = make_optimizer(cfg.optimizer, updates)
+  updates = config.train.steps * int(gcfg.num_iterations) * int(gcfg.num_minibatches)
+  optimizer = make_optimizer(config.optimizer, updates)
   extra = RLState(ref=init_params, reward=rm_params, kl_coef=jnp.asarray(float(gcfg.kl_coef), jnp.float32))
-  state = TrainState.create(copy_tree(init_params), optimizer, jax.random.key(int(cfg.seed)), extra=extra,
+  state = TrainState.create(copy_tree(init_params), optimizer, jax.random.key(config.seed), extra=extra,
                             hparams=algorithm.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   sampling = SamplingConfig(temperature=float(gcfg.temperature), max_new_tokens=int(gcfg.max_new_tokens))
   step = make_group_iteration(lm, sources_, optimizer, gcfg, sampling, ctx.tokenizer.eos_id,
-                              ctx.tokenizer.pad_id, cfg.train.nonfinite, advantages, clip_range)
-  tokens = int(cfg.train.batch_size) * int(gcfg.group_size) * (int(gcfg.prompt_len) + int(gcfg.max_new_tokens))
+                              ctx.tokenizer.pad_id, config.train.nonfinite, advantages, clip_range)
+  tokens = config.train.batch_size * int(gcfg.group_size) * (int(gcfg.prompt_len) + int(gcfg.max_new_tokens))
   return Run(name=algorithm.name, state=state, train_step=step, batches=prompts,
              evaluate=world_evaluate(ctx, lm, reward_model), tokens_per_batch=tokens,
-             total_steps=int(cfg.train.steps), after_step=check_rewards_after_step(sources_))
+             total_steps=config.train.steps, after_step=check_rewards_after_step(sources_))
 

@@ -17,6 +17,7 @@ the sequence KL to the reference (nats).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -28,7 +29,7 @@ from absl import logging
 from alignax import checkpoint as ckpt_lib
 from alignax import parallel
 from alignax.algorithms.base import Algorithm
-from alignax.algorithms.common import process_batch_size, shard_args, take_batches
+from alignax.algorithms.common import batch_options, load_lm_export, stage_datasets
 from alignax.algorithms.reference_cache import (
   load_cached_reference,
   reference_cache_key,
@@ -38,7 +39,6 @@ from alignax.config import ConfigDict, ConfigError
 from alignax.data import pipeline, sources
 from alignax.losses.lm import next_token_logprobs, sequence_logprobs
 from alignax.losses.preference import LOSS_TYPES, dpo_loss, kto_loss
-from alignax.models import abstract_lm
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
 from alignax.train.runner import StageContext
@@ -80,6 +80,11 @@ def make_dpo_loss(lm, loss_type: str):
   `hparams` (arrays, so one compiled step serves every value)."""
 
   def loss_fn(params, batch, rng, extra, hparams):
+    """The `loss_type` loss of a pair batch {"chosen", "rejected": LM rows [B, T] with
+    "response_len" [B], "valid" [B]; "ref_chosen"/"ref_rejected" [B] nats when the reference is
+    precomputed, else the reference params in `extra["ref"]`}: (sum, count, metrics) of the batch: `sum` of the per-pair loss in nats, `count` of pairs
+    (the step divides the summed sums by the summed counts, so micro-batches and devices weigh
+    every pair alike), `metrics` {name: scalar}."""
     pc, pr = pair_logps(lm, params, batch)
     rc = rr = None
     if loss_type not in REFERENCE_FREE:
@@ -120,7 +125,14 @@ def mismatched_pairs(batch) -> dict:
 
 
 def make_kto_loss(lm):
+  """KTO's loss (Ethayarajh et al. 2024) of unpaired completions, with the KL reference point
+  estimated on mismatched (prompt, completion) pairs of the same batch."""
   def loss_fn(params, batch, rng, extra, hparams):
+    """KTO loss of an unpaired batch {"tokens", "positions", "segment_ids", "loss_mask" [B, T],
+    "label" [B] (1 desirable, 0 undesirable), "valid" [B]}, reference params in `extra["ref"]`:
+    (sum, count, metrics) of the batch: `sum` of the per-completion loss in nats, `count` of completions
+    (the step divides the summed sums by the summed counts, so micro-batches and devices weigh
+    every completion alike), `metrics` {name: scalar}."""
     lm_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
     policy = sequence_logps(lm, params, lm_batch)
     ref = jax.lax.stop_gradient(sequence_logps(lm, extra["ref"], lm_batch))
@@ -166,8 +178,8 @@ class WithReference(pipeline.MapBatches):
     return batch
 
 
-def precompute_reference(ctx: StageContext, lm, ref_params, source, common: dict, path: str,
-                         key: dict[str, str]):
+def precompute_reference(ctx: StageContext, lm, ref_params, source, batching, seq_len: int,
+                         path: str, key: dict[str, str]):
   """Reference logprob sums (chosen [N], rejected [N], float32 nats; NaN for records the
   pipeline skipped) of every training pair, by record index.
 
@@ -180,8 +192,9 @@ def precompute_reference(ctx: StageContext, lm, ref_params, source, common: dict
   fn = parallel.jit_eval(ctx.placement, lambda p, b: pair_logps(lm, p, b), ref_params)
   chosen = np.full(n, np.nan, np.float32)
   rejected = np.full(n, np.nan, np.float32)
-  args = dict(common, shard_index=0, shard_count=1)  # every process computes all records
-  it = pipeline.preference_pipeline(source, ctx.tokenizer, shuffle=False, num_epochs=1, **args)
+  # Every process computes all records, in order, once.
+  once = dataclasses.replace(batching, shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+  it = pipeline.preference_pipeline(source, ctx.tokenizer, once, seq_len=seq_len)
   for batch in it:
     c, r = jax.device_get(fn(ref_params, ctx.placement.put_batch(
         {k: batch[k] for k in ("chosen", "rejected")})))
@@ -202,6 +215,8 @@ def precompute_reference(ctx: StageContext, lm, ref_params, source, common: dict
 
 
 def validate(cfg: ConfigDict) -> None:
+  """`dpo.*`: a known loss_type, beta > 0, label_smoothing in [0, 0.5), precompute_ref only for
+  losses that use a reference."""
   d = cfg.dpo
   if d.loss_type not in LOSS_TYPES + ("kto",):
     raise ConfigError(f"config.dpo.loss_type: must be one of {LOSS_TYPES + ('kto',)}, got {d.loss_type!r}")
@@ -240,58 +255,50 @@ class PreferenceEval:
 
 
 def build_run(ctx: StageContext) -> Run:
+  """The DPO-family Run: the `init.workdir` SFT export as the policy's start and the frozen
+  reference, preference pairs (unpaired completions for KTO), the `dpo.loss_type` step, and the
+  held-out preference metrics plus, on the world, the sampled gold evaluation with KL to the
+  reference. With `dpo.precompute_ref`, the reference logprobs are computed once (cached in
+  WORKDIR/reference_logps.npz) and ride in the batches."""
   cfg, dcfg = ctx.cfg, ctx.cfg.dpo
+  config = ctx.config
   kto = dcfg.loss_type == "kto"
-  splits = sources.split_sources(cfg, "preference")
-  batch = process_batch_size(int(cfg.train.batch_size))
-  common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), bad_records=cfg.data.bad_records,
-                chat_template=cfg.data.chat_template)
-  if kto:
-    if cfg.data.source == "world":
-      splits = {k: (pairs_to_unpaired(v) if v is not None else None) for k, v in splits.items()}
-    make = pipeline.unpaired_pipeline
-  else:
-    make = pipeline.preference_pipeline
-  train_iter = make(splits["train"], ctx.tokenizer, seed=int(cfg.seed), num_epochs=None, **common,
-                    **shard_args())
-  eval_batches = []
-  if splits["eval"] is not None and int(cfg.train.eval_batches) > 0:
-    eval_iter = make(splits["eval"], ctx.tokenizer, shuffle=False, num_epochs=1, **common, **shard_args())
-    eval_batches = take_batches(eval_iter, int(cfg.train.eval_batches))
+  splits = sources.split_sources(config.data, "preference", config.world)
+  if kto and config.data.source == "world":
+    splits = {k: (pairs_to_unpaired(v) if v is not None else None) for k, v in splits.items()}
+  data = stage_datasets(ctx, "unpaired" if kto else "preference", splits=splits)
+  train_iter = data.train
+  reference_args = dict(seq_len=config.data.seq_len, bad_records=config.data.bad_records,
+                        chat_template=config.data.chat_template)
 
-  lm, abstract = abstract_lm(ctx.model)
-  sft_params, _ = ckpt_lib.load_export(cfg.init.workdir, abstract, ctx.placement.state_sharding(abstract))
+  lm, sft_params = load_lm_export(cfg.init.workdir, ctx.model, ctx.placement)
   if dcfg.precompute_ref:
-    ref_c, ref_r = precompute_reference(ctx, lm, sft_params, splits["train"], common,
-                                        os.path.join(cfg.workdir, "reference_logps.npz"),
-                                        reference_cache_key(ctx, splits["train"], common))
+    ref_c, ref_r = precompute_reference(ctx, lm, sft_params, splits["train"],
+                                        batch_options(config), config.data.seq_len,
+                                        os.path.join(config.workdir, "reference_logps.npz"),
+                                        reference_cache_key(ctx, splits["train"], reference_args))
     train_iter = WithReference(train_iter, ref_c, ref_r)
-  optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps))
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
   # The reference rides in `extra` (needed for on-the-fly reference logprobs, KTO and eval KL).
-  state = TrainState.create(jax.tree.map(jnp.copy, sft_params), optimizer, jax.random.key(int(cfg.seed)),
+  state = TrainState.create(jax.tree.map(jnp.copy, sft_params), optimizer, jax.random.key(config.seed),
                             extra={"ref": sft_params}, hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   loss_fn = make_kto_loss(lm) if kto else make_dpo_loss(lm, dcfg.loss_type)
-  step = make_train_step(loss_fn, optimizer, accum_steps=int(cfg.train.accum_steps),
-                         nonfinite_policy=cfg.train.nonfinite)
-  world_eval = (WorldEvaluator(cfg, lm, ctx.tokenizer, ctx.writer)
-                if cfg.data.source == "world" and int(cfg.eval.num_prompts) > 0 else None)
+  step = make_train_step(loss_fn, optimizer, accum_steps=config.train.accum_steps,
+                         nonfinite_policy=config.train.nonfinite)
+  world_eval = (WorldEvaluator(config, lm, ctx.tokenizer, ctx.writer)
+                if config.data.source == "world" and config.eval.num_prompts > 0 else None)
   # Eval batches never carry precomputed reference logprobs: the reference forward runs there.
-  evaluate = PreferenceEval(ctx, lm, loss_fn, eval_batches, world_eval)
-
-  def tokens(b):
-    if kto:
-      return int(np.count_nonzero(b["segment_ids"])) * jax.process_count()
-    return int(np.count_nonzero(b["chosen"]["segment_ids"]) +
-               np.count_nonzero(b["rejected"]["segment_ids"])) * jax.process_count()
+  evaluate = PreferenceEval(ctx, lm, loss_fn, data.eval, world_eval)
 
   return Run(name=f"dpo[{dcfg.loss_type}]", state=state, train_step=step, batches=train_iter,
-             evaluate=evaluate, tokens_per_batch=tokens, total_steps=int(cfg.train.steps))
+             evaluate=evaluate, total_steps=config.train.steps)
 
 
 def export(ctx: StageContext, state) -> None:
-  ckpt_lib.save_export(ctx.cfg.workdir, state.params, model=ctx.model, stage="dpo",
-                       tokenizer=ctx.cfg.tokenizer, chat_template=ctx.cfg.data.chat_template,
+  """Writes WORKDIR/export with the chat template, the loss type and beta."""
+  ckpt_lib.save_export(ctx.config.workdir, state.params, model=ctx.model, stage="dpo",
+                       tokenizer=ctx.config.tokenizer, chat_template=ctx.config.data.chat_template,
                        extra={"loss_type": ctx.cfg.dpo.loss_type, "beta": float(ctx.cfg.dpo.beta)})
 
 

@@ -36,6 +36,7 @@ HPARAMS = ("clip_low", "clip_high", "adv_eps")
 
 
 def validate(cfg: ConfigDict) -> None:
+  """`grpo.*` and the shared group keys (group size, minibatches, KL placement)."""
   critic_free.validate_group(cfg, "grpo")
   g = cfg.grpo
   if not (0 < g.clip_low < 1 and g.clip_high > 0):
@@ -44,6 +45,8 @@ def validate(cfg: ConfigDict) -> None:
 
 
 def build_run(ctx: StageContext):
+  """The GRPO Run (`critic_free.build_group_run`): group-normalized advantages (divided by the
+  group's std unless `grpo.scale_rewards` is False) and the asymmetric clip (clip_low, clip_high)."""
   scale = bool(ctx.cfg.grpo.scale_rewards)
 
   def advantages(rewards, group_size, hp):
@@ -53,6 +56,7 @@ def build_run(ctx: StageContext):
 
 
 def export(ctx: StageContext, state) -> None:
+  """Writes WORKDIR/export: the policy params, as an LM export."""
   online.export_policy(ctx, state, "grpo")
 
 

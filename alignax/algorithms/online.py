@@ -25,7 +25,7 @@ import optax
 from flax import struct
 
 from alignax import checkpoint as ckpt_lib
-from alignax.algorithms.common import process_batch_size, shard_args
+from alignax.algorithms.common import batch_options
 from alignax.algorithms.reward_sources import validate_rewards
 from alignax.config import ConfigError
 from alignax.data import pipeline, sources
@@ -217,26 +217,16 @@ def prompt_arrays(prompts) -> pipeline.MapBatches:
   return pipeline.MapBatches(prompts, lambda item: {k: item[0][k] for k in keys})
 
 
-def prompt_source(cfg):
-  return sources.split_sources(cfg, "prompts")["train"]
+def prompt_source(config):
+  """The training prompts of a `RunConfig`."""
+  return sources.split_sources(config.data, "prompts", config.world)["train"]
 
 
 def prompt_batches(ctx, records, prompt_len: int) -> pipeline.MapBatches:
   """Shuffled prompt batches of `train.batch_size` prompts (this process's share), forever."""
-  cfg = ctx.cfg
-  batch = process_batch_size(int(cfg.train.batch_size))
-  it = pipeline.prompts_pipeline(records, ctx.tokenizer, batch_size=batch, prompt_len=prompt_len,
-                                 bad_records=cfg.data.bad_records, chat_template=cfg.data.chat_template,
-                                 shuffle=True, seed=int(cfg.seed), num_epochs=None, **shard_args())
+  it = pipeline.prompts_pipeline(records, ctx.tokenizer, batch_options(ctx.config),
+                                 prompt_len=prompt_len)
   return prompt_arrays(it)
-
-
-def load_policy_and_reference(ctx):
-  """(lm, init params, a separate copy for the reference) of the `init.workdir` export."""
-  from alignax.models import abstract_lm
-  lm, abstract = abstract_lm(ctx.model)
-  params, _ = ckpt_lib.load_export(ctx.cfg.init.workdir, abstract, ctx.placement.state_sharding(abstract))
-  return lm, params
 
 
 def load_reward(ctx, needed: bool):
@@ -260,12 +250,12 @@ def copy_tree(tree):
 def world_evaluate(ctx, lm, reward_model):
   """The sampled world evaluation of a policy (gold reward, KL to the reference, and the reward
   model's proxy score when there is one), or None off the world task."""
-  cfg = ctx.cfg
-  if cfg.data.source != "world" or int(cfg.eval.num_prompts) <= 0:
+  config = ctx.config
+  if config.data.source != "world" or config.eval.num_prompts <= 0:
     return None
   from alignax.algorithms.reward import score_samples
   from alignax.algorithms.world_eval import WorldEvaluator
-  world_eval = WorldEvaluator(cfg, lm, ctx.tokenizer, ctx.writer)
+  world_eval = WorldEvaluator(config, lm, ctx.tokenizer, ctx.writer)
 
   def evaluate(state):
     proxy = None
@@ -273,7 +263,7 @@ def world_evaluate(ctx, lm, reward_model):
       # The frozen reward model's score of the eval samples: proxy vs gold reward shows
       # over-optimization (Gao et al. 2022).
       proxy = lambda samples: score_samples(reward_model, state.extra.reward, samples,
-                                            int(cfg.eval.batch_size))
+                                            config.eval.batch_size)
     return world_eval(policy_params(state), int(state.step), reference=(lm, state.extra.ref), proxy=proxy)
   return evaluate
 
@@ -285,8 +275,8 @@ def policy_params(state: TrainState):
 
 
 def export_policy(ctx, state: TrainState, stage: str, **extra) -> None:
-  ckpt_lib.save_export(ctx.cfg.workdir, policy_params(state), model=ctx.model, stage=stage,
-                       tokenizer=ctx.cfg.tokenizer, chat_template=ctx.cfg.data.chat_template,
+  ckpt_lib.save_export(ctx.config.workdir, policy_params(state), model=ctx.model, stage=stage,
+                       tokenizer=ctx.config.tokenizer, chat_template=ctx.config.data.chat_template,
                        extra={"kl_coef": float(np.asarray(jax.device_get(state.extra.kl_coef))), **extra})
 
 

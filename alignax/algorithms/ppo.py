@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from alignax.algorithms.common import load_lm_export
 from alignax.algorithms import online, reward_sources
 from alignax.algorithms.base import Algorithm
 from alignax.algorithms.reward import member_params
@@ -93,6 +94,9 @@ def ppo_loss(lm, value_model, pcfg, temperature):
   vf_coef * clipped value loss (+ kl_coef * the KL loss term with kl_in="loss"), summed over
   response tokens; count is the number of response tokens."""
   def loss_fn(params, mb, hp, kl_coef):
+    """Loss of a rollout minibatch {"prompt_tokens", "prompt_mask" [B, P], "response", "mask"
+    [B, R], "old_logp", "old_values", "advantages", "returns" (and "ref_logp") [B, R]}: (sum over
+    response tokens in nats, response tokens, metrics)."""
     args = (mb["prompt_tokens"], mb["prompt_mask"], mb["response"], mb["mask"])
     logp, _ = response_logprobs_and_entropy(lm, params["policy"], *args, temperature)
     values = response_values(value_model, params["value"], *args)
@@ -148,6 +152,8 @@ def make_ppo_iteration(lm, value_model, sources: reward_sources.RewardSources, o
 
 
 def validate(cfg: ConfigDict) -> None:
+  """`ppo.*` and the shared RL keys: a reward model for the value model, minibatches that split
+  the batch on every process, epochs >= 1, positive clip ranges, a usable adaptive-KL target."""
   p = cfg.ppo
 
   def check(ok, key, msg):
@@ -166,31 +172,37 @@ def validate(cfg: ConfigDict) -> None:
 
 
 def build_run(ctx: StageContext) -> Run:
+  """The PPO Run: the policy from the `init.workdir` SFT export, the value model from member 0 of
+  the `reward_model.workdir` export, batches of `train.batch_size` prompts, the PPO iteration
+  (rollout, rewards, KL penalty, GAE, `ppo.epochs` x `ppo.num_minibatches` updates), and the world
+  evaluation. tokens/s counts prompt + sampled tokens."""
   cfg, pcfg = ctx.cfg, ctx.cfg.ppo
-  records = online.prompt_source(cfg)
+  config = ctx.config
+  records = online.prompt_source(ctx.config)
   prompts = online.prompt_batches(ctx, records, int(pcfg.prompt_len))
-  lm, sft_params = online.load_policy_and_reference(ctx)
+  lm, sft_params = load_lm_export(cfg.init.workdir, ctx.model, ctx.placement)
   reward_model, rm_params = online.load_reward(ctx, needed=True)
   value_model, value_params = member_params(reward_model, rm_params, 0)
   sources = reward_sources.make_reward_sources(cfg, ctx.tokenizer, records, reward_model)
-  optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps) * int(pcfg.epochs) * int(pcfg.num_minibatches))
+  optimizer = make_optimizer(config.optimizer, config.train.steps * int(pcfg.epochs) * int(pcfg.num_minibatches))
   extra = online.RLState(ref=sft_params, reward=rm_params if sources.uses_model else None,
                          kl_coef=jnp.asarray(float(pcfg.kl_coef), jnp.float32))
   state = TrainState.create({"policy": online.copy_tree(sft_params), "value": online.copy_tree(value_params)},
-                            optimizer, jax.random.key(int(cfg.seed)), extra=extra,
+                            optimizer, jax.random.key(config.seed), extra=extra,
                             hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   sampling = SamplingConfig(temperature=float(pcfg.temperature), max_new_tokens=int(pcfg.max_new_tokens))
   step = make_ppo_iteration(lm, value_model, sources, optimizer, pcfg, sampling, ctx.tokenizer.eos_id,
-                            ctx.tokenizer.pad_id, cfg.train.nonfinite, int(cfg.train.batch_size))
-  tokens = int(cfg.train.batch_size) * (int(pcfg.prompt_len) + int(pcfg.max_new_tokens))
+                            ctx.tokenizer.pad_id, config.train.nonfinite, config.train.batch_size)
+  tokens = config.train.batch_size * (int(pcfg.prompt_len) + int(pcfg.max_new_tokens))
   return Run(name="ppo", state=state, train_step=step, batches=prompts,
              evaluate=online.world_evaluate(ctx, lm, reward_model if sources.uses_model else None),
-             tokens_per_batch=tokens, total_steps=int(cfg.train.steps),
+             tokens_per_batch=tokens, total_steps=config.train.steps,
              after_step=reward_sources.check_rewards_after_step(sources))
 
 
 def export(ctx: StageContext, state) -> None:
+  """Writes WORKDIR/export: the policy params, as an LM export."""
   online.export_policy(ctx, state, "ppo")
 
 

@@ -4,7 +4,7 @@ Data: the world's "internet" corpus by default, or `data.train_files` (text, one
 line or per file; JSONL/Parquet with a "text" field). Documents become `<bos> text <eos>` and
 are packed into `data.seq_len` rows with segment ids; longer documents are split (or truncated)
 and counted. Eval: mean held-out loss (nats per token) and perplexity over a fixed set of
-`train.eval_batches` batches.
+`eval.batches` batches.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ import jax
 from alignax import checkpoint as ckpt_lib
 from alignax import parallel
 from alignax.algorithms.base import Algorithm
-from alignax.algorithms.common import (init_lm_state, process_batch_size, shard_args, take_batches,
-                                       tokens_in)
-from alignax.config import ConfigDict, ConfigError
-from alignax.data import pipeline, sources
+from alignax.algorithms.common import init_lm_state, stage_datasets
 from alignax.losses.lm import masked_cross_entropy
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
@@ -30,6 +27,10 @@ from alignax.train.step import make_train_step
 def lm_loss(lm):
   """Masked next-token cross-entropy of an LM batch: (sum nats, loss tokens, metrics)."""
   def loss_fn(params, batch, rng, extra, hparams):
+    """Masked cross-entropy of an LM batch {"tokens", "positions", "segment_ids", "loss_mask"}
+    [B, T]: (sum, count, metrics) of the batch: `sum` of the per-loss token loss in nats, `count` of loss tokens
+    (the step divides the summed sums by the summed counts, so micro-batches and devices weigh
+    every loss token alike), `metrics` {name: scalar}."""
     logits, _ = lm.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
     return masked_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
   return loss_fn
@@ -55,43 +56,29 @@ def make_lm_evaluate(ctx: StageContext, lm, eval_batches: list):
   return evaluate
 
 
-def validate(cfg: ConfigDict) -> None:
-  if cfg.data.long_docs not in pipeline.LONG_DOC_POLICIES:
-    raise ConfigError(f"config.data.long_docs: must be one of {pipeline.LONG_DOC_POLICIES}, "
-                      f"got {cfg.data.long_docs!r}")
-  if cfg.data.text_mode not in ("lines", "file"):
-    raise ConfigError(f"config.data.text_mode: must be 'lines' or 'file', got {cfg.data.text_mode!r}")
-
-
 def build_run(ctx: StageContext) -> Run:
-  cfg = ctx.cfg
-  splits = sources.split_sources(cfg, "pretrain")
-  batch = process_batch_size(int(cfg.train.batch_size))
-  common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), long_docs=cfg.data.long_docs,
-                bad_records=cfg.data.bad_records, **shard_args())
-  train_iter = pipeline.lm_pipeline(splits["train"], ctx.tokenizer, seed=int(cfg.seed), num_epochs=None,
-                                    **common)
-  eval_batches = []
-  if splits["eval"] is not None and int(cfg.train.eval_batches) > 0:
-    eval_iter = pipeline.lm_pipeline(splits["eval"], ctx.tokenizer, shuffle=False, num_epochs=1, **common)
-    eval_batches = take_batches(eval_iter, int(cfg.train.eval_batches))
+  """The pretraining Run: a fresh model (`config.seed`), packed `data.seq_len` rows of documents
+  (batches of `train.batch_size` rows, this process's share), the masked-LM step, and the held-out
+  loss on `eval.batches` fixed batches."""
+  config = ctx.config
+  data = stage_datasets(ctx, "lm")
 
-  optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps))
-  lm, state = init_lm_state(ctx.placement, ctx.model, optimizer, int(cfg.seed))
-  step = make_train_step(lm_loss(lm), optimizer, accum_steps=int(cfg.train.accum_steps),
-                         nonfinite_policy=cfg.train.nonfinite)
-  return Run(name="pretrain", state=state, train_step=step, batches=train_iter,
-             evaluate=make_lm_evaluate(ctx, lm, eval_batches), tokens_per_batch=tokens_in,
-             total_steps=int(cfg.train.steps))
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
+  lm, state = init_lm_state(ctx.placement, ctx.model, optimizer, config.seed)
+  step = make_train_step(lm_loss(lm), optimizer, accum_steps=config.train.accum_steps,
+                         nonfinite_policy=config.train.nonfinite)
+  return Run(name="pretrain", state=state, train_step=step, batches=data.train,
+             evaluate=make_lm_evaluate(ctx, lm, data.eval), total_steps=config.train.steps)
 
 
 def export(ctx: StageContext, state) -> None:
-  ckpt_lib.save_export(ctx.cfg.workdir, state.params, model=ctx.model, stage="pretrain",
-                       tokenizer=ctx.cfg.tokenizer,
-                       chat_template=ctx.cfg.data.chat_template)
+  """Writes WORKDIR/export: the params, model config and tokenizer (no chat template)."""
+  ckpt_lib.save_export(ctx.config.workdir, state.params, model=ctx.model, stage="pretrain",
+                       tokenizer=ctx.config.tokenizer,
+                       chat_template=ctx.config.data.chat_template)
 
 
 ALGORITHM = Algorithm(name="pretrain", records="text", section=None, hparams=(), upstream={},
-                      build=build_run, export=export, validate=validate, chat=False,
+                      build=build_run, export=export, chat=False,
                       report_name="base", report_format="raw")
 

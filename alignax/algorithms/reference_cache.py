@@ -76,15 +76,15 @@ def records_fingerprint(source) -> str:
   return h.hexdigest()[:16]
 
 
-def reference_cache_key(ctx, source, common: dict) -> dict[str, str]:
+def reference_cache_key(ctx, source, pipeline_args: dict) -> dict[str, str]:
   """What determines the reference logprob sums of `source`, part by part ({part: value}).
 
   reference: the export `init.workdir` holds; model: its config with this run's compute
-  choices (dtype); tokenizer; pipeline: seq_len, chat template, bad-record policy and any other
-  pipeline argument in `common` except the batch size (rows are independent); data: the
-  records themselves; num_records.
+  choices (dtype); tokenizer; pipeline: the pipeline arguments that change a row
+  (`pipeline_args`: seq_len, chat template, bad-record policy; not the batch size, rows are
+  independent); data: the records themselves; num_records.
   """
-  pipeline_args = {k: v for k, v in common.items() if k != "batch_size"}
+  pipeline_args = {k: v for k, v in pipeline_args.items() if k != "batch_size"}
   model = dataclasses.asdict(ctx.model)
   return {
       "reference": export_fingerprint(ctx.cfg.init.workdir),

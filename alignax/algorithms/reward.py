@@ -21,6 +21,7 @@ member's (`eval/single/*`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,17 +30,16 @@ import numpy as np
 from absl import logging
 
 from alignax import checkpoint as ckpt_lib
-from alignax import evaluation, parallel
+from alignax import parallel
+from alignax.tasks import evaluation
 from alignax.algorithms.base import Algorithm
-from alignax.algorithms.common import (process_batch_size, shard_args,
-                                       take_batches)
+from alignax.algorithms.common import load_lm_export, stage_datasets
 from alignax.algorithms.world_eval import eval_prompt_records
 from alignax.config import ConfigDict, ConfigError
-from alignax.data import pipeline, sources
+from alignax.data import sources
 from alignax.generation import Sampler, SamplingConfig
 from alignax.generation.scoring import response_scores
 from alignax.losses.preference import bradley_terry_loss
-from alignax.models import abstract_lm
 from alignax.models.heads import (RewardEnsemble, abstract_scalar_model, build_scalar_model,
                                   last_token)
 from alignax.train.loop import Run
@@ -63,6 +63,10 @@ def pair_rewards(model, params, batch):
 def reward_loss(model, use_margin: bool):
   """Bradley-Terry loss of a preference batch; `hparams["center_coef"]` weighs the centering term."""
   def loss_fn(params, batch, rng, extra, hparams):
+    """Bradley-Terry loss of a pair batch {"chosen", "rejected": LM rows [B, T], "valid",
+    "margin": [B]}: (sum, count, metrics) of the batch: `sum` of the per-pair loss in nats, `count` of pairs
+    (the step divides the summed sums by the summed counts, so micro-batches and devices weigh
+    every pair alike), `metrics` {name: scalar}. Padding pairs (valid 0) weigh nothing."""
     rc, rr = pair_rewards(model, params, batch)
     return bradley_terry_loss(rc, rr, margin=batch["margin"] if use_margin else None,
                               center_coef=hparams["center_coef"], weights=batch["valid"])
@@ -70,6 +74,7 @@ def reward_loss(model, use_margin: bool):
 
 
 def validate(cfg: ConfigDict) -> None:
+  """`reward.*`: center_coef >= 0, ensemble >= 1."""
   if cfg.reward.center_coef < 0:
     raise ConfigError(f"config.reward.center_coef: must be >= 0, got {cfg.reward.center_coef}")
   if int(cfg.reward.get("ensemble", 1)) < 1:
@@ -116,11 +121,11 @@ class RewardEval:
     if self._pairs is None:
       lm, params, records = self.sft
       sampler = Sampler(lm, self.ctx.tokenizer, SamplingConfig(
-          temperature=1.0, max_new_tokens=int(self.ctx.cfg.eval.max_new_tokens)))
+          temperature=1.0, max_new_tokens=self.ctx.config.eval.max_new_tokens))
       prompts = [r["prompt"] for r in records]
-      bs = int(self.ctx.cfg.eval.batch_size)
-      key = jax.random.key(int(self.ctx.cfg.seed) + 3)
-      template = self.ctx.cfg.data.chat_template
+      bs = self.ctx.config.eval.batch_size
+      key = jax.random.key(self.ctx.config.seed + 3)
+      template = self.ctx.config.data.chat_template
       a = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, 0), batch_size=bs,
                                     template=template)
       b = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, 1), batch_size=bs,
@@ -132,8 +137,8 @@ class RewardEval:
 
   def gold_agreement(self, params) -> dict[str, float]:
     a, b, gold_a, gold_b = self.sft_pairs()
-    ra = score_samples(self.model, params, a, int(self.ctx.cfg.eval.batch_size))
-    rb = score_samples(self.model, params, b, int(self.ctx.cfg.eval.batch_size))
+    ra = score_samples(self.model, params, a, self.ctx.config.eval.batch_size)
+    rb = score_samples(self.model, params, b, self.ctx.config.eval.batch_size)
     differ = gold_a != gold_b
     agree = (ra > rb) == (gold_a > gold_b)
     return {"gold_agreement": float(np.mean(agree[differ])) if differ.any() else float("nan"),
@@ -156,31 +161,18 @@ def score_samples(model, params, samples: evaluation.Samples, batch_size: int) -
   return evaluation.map_sample_batches(_reward_fn(model), params, samples, batch_size)
 
 
-def load_sft(ctx: StageContext, workdir: str):
-  """(lm, params) of the SFT export, on the mesh."""
-  lm, abstract = abstract_lm(ctx.model)
-  params, _ = ckpt_lib.load_export(workdir, abstract, ctx.placement.state_sharding(abstract))
-  return lm, params
-
-
 def build_run(ctx: StageContext) -> Run:
+  """The reward-model Run: a scalar head on the `init.workdir` SFT backbone, preference pairs
+  (`train.batch_size` pairs), the Bradley-Terry step, and the held-out accuracy (dataset labels,
+  gold order) and gold agreement on fresh SFT samples."""
   cfg = ctx.cfg
-  splits = sources.split_sources(cfg, "preference")
-  batch = process_batch_size(int(cfg.train.batch_size))
-  common = dict(batch_size=batch, seq_len=int(cfg.data.seq_len), bad_records=cfg.data.bad_records,
-                chat_template=cfg.data.chat_template, **shard_args())
-  train_iter = pipeline.preference_pipeline(splits["train"], ctx.tokenizer, seed=int(cfg.seed),
-                                            num_epochs=None, **common)
-  eval_batches = []
-  if splits["eval"] is not None and int(cfg.train.eval_batches) > 0:
-    eval_iter = pipeline.preference_pipeline(splits["eval"], ctx.tokenizer, shuffle=False, num_epochs=1,
-                                             **common)
-    eval_batches = take_batches(eval_iter, int(cfg.train.eval_batches))
+  config = ctx.config
+  data = stage_datasets(ctx, "preference")
 
-  sft_lm, sft_params = load_sft(ctx, cfg.init.workdir)
-  optimizer = make_optimizer(cfg.optimizer, int(cfg.train.steps))
+  sft_lm, sft_params = load_lm_export(cfg.init.workdir, ctx.model, ctx.placement)
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
   model, _ = abstract_scalar_model(ctx.model)
-  key = jax.random.key(int(cfg.seed))
+  key = jax.random.key(config.seed)
 
   def init():
     _, params = build_scalar_model(ctx.model, jax.random.fold_in(key, 0), backbone=sft_params)
@@ -189,35 +181,30 @@ def build_run(ctx: StageContext) -> Run:
 
   state = parallel.init_sharded(ctx.placement, init)
   step = make_train_step(reward_loss(model, bool(cfg.reward.use_margin)),
-                         optimizer, accum_steps=int(cfg.train.accum_steps),
-                         nonfinite_policy=cfg.train.nonfinite)
+                         optimizer, accum_steps=config.train.accum_steps,
+                         nonfinite_policy=config.train.nonfinite)
   sft = None
-  if cfg.data.source == "world" and int(cfg.eval.num_prompts) > 0:
-    sft = (sft_lm, sft_params, eval_prompt_records(cfg))
+  if config.data.source == "world" and config.eval.num_prompts > 0:
+    sft = (sft_lm, sft_params, eval_prompt_records(config))
   ctx.stage_data.update(model=model, sft_lm=sft_lm, sft_params=sft_params)
-  return Run(name="reward", state=state, train_step=step, batches=train_iter,
-             evaluate=RewardEval(ctx, model, eval_batches, sft), tokens_per_batch=_pair_tokens,
-             total_steps=int(cfg.train.steps))
-
-
-def _pair_tokens(batch) -> int:
-  n = int(np.count_nonzero(batch["chosen"]["segment_ids"]) + np.count_nonzero(batch["rejected"]["segment_ids"]))
-  return n * jax.process_count()
+  return Run(name="reward", state=state, train_step=step, batches=data.train,
+             evaluate=RewardEval(ctx, model, data.eval, sft), total_steps=config.train.steps)
 
 
 def normalization(ctx: StageContext, params) -> dict[str, float]:
   """Gain and bias making the rewards of SFT samples on train prompts mean 0, std 1."""
   cfg = ctx.cfg
+  config = ctx.config
   model, sft_lm, sft_params = (ctx.stage_data[k] for k in ("model", "sft_lm", "sft_params"))
-  records = sources.split_sources(cfg, "prompts")["train"]
+  records = sources.split_sources(config.data, "prompts", config.world)["train"]
   n = min(int(cfg.reward.normalize_prompts), len(records))
-  order = np.random.default_rng(int(cfg.seed) + 5).permutation(len(records))[:n]
+  order = np.random.default_rng(config.seed + 5).permutation(len(records))[:n]
   prompts = [records[int(i)]["prompt"] for i in order]
   sampler = Sampler(sft_lm, ctx.tokenizer, SamplingConfig(temperature=1.0,
-                                                          max_new_tokens=int(cfg.eval.max_new_tokens)))
-  samples = evaluation.sample_prompts(sampler, sft_params, prompts, jax.random.key(int(cfg.seed) + 7),
-                                      batch_size=int(cfg.eval.batch_size), template=cfg.data.chat_template)
-  raw = score_samples(model, params, samples, int(cfg.eval.batch_size))
+                                                          max_new_tokens=config.eval.max_new_tokens))
+  samples = evaluation.sample_prompts(sampler, sft_params, prompts, jax.random.key(config.seed + 7),
+                                      batch_size=config.eval.batch_size, template=config.data.chat_template)
+  raw = score_samples(model, params, samples, config.eval.batch_size)
   mean, std = float(raw.mean()), float(raw.std())
   gain = 1.0 / max(std, 1e-6)
   logging.info("reward normalization over %d SFT samples: raw mean %.4f, std %.4f", n, mean, std)
@@ -226,6 +213,8 @@ def normalization(ctx: StageContext, params) -> dict[str, float]:
 
 
 def export(ctx: StageContext, state) -> None:
+  """Writes WORKDIR/export: the scalar model, with the reward normalization (gain and bias making
+  SFT samples' rewards mean 0, std 1) with `reward.normalize` (world data only)."""
   params = state.params
   extra = {"norm_gain": 1.0, "norm_bias": 0.0}
   if ctx.cfg.reward.normalize:
@@ -237,9 +226,9 @@ def export(ctx: StageContext, state) -> None:
       params["head_w"] = params["head_w"].replace(params["head_w"][...] * extra["norm_gain"])
       params["head_b"] = params["head_b"].replace(params["head_b"][...] * extra["norm_gain"]
                                                   + extra["norm_bias"])
-  ckpt_lib.save_export(ctx.cfg.workdir, params, model=ctx.model, stage="reward",
-                       tokenizer=ctx.cfg.tokenizer,
-                       chat_template=ctx.cfg.data.chat_template, extra=extra)
+  ckpt_lib.save_export(ctx.config.workdir, params, model=ctx.model, stage="reward",
+                       tokenizer=ctx.config.tokenizer,
+                       chat_template=ctx.config.data.chat_template, extra=extra)
 
 
 def load_reward_model(workdir: str, placement=None, mode: str = "mean", coef: float = 1.0):
@@ -297,8 +286,8 @@ def combine_ensemble(cfg: ConfigDict, member_workdirs) -> None:
   import os
 
   from alignax import metrics as metrics_lib
-  from alignax.config import save_config
-  from alignax.data.sources import resolve_tokenizer
+  from alignax.config import resolve, save_config
+  from alignax.train.runner import stage_tokenizer
   exports = [ckpt_lib.load_export(w) for w in member_workdirs]
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[p for p, _ in exports])
   meta = exports[0][1]
@@ -307,9 +296,11 @@ def combine_ensemble(cfg: ConfigDict, member_workdirs) -> None:
            "member_extra": [m["extra"] for _, m in exports]}
   save_config(cfg, cfg.workdir)
   writer = metrics_lib.MetricsWriter(cfg.workdir, tensorboard=False, enabled=parallel.is_main_process())
-  placement = parallel.make_placement(cfg.parallel, model_cfg, int(cfg.train.batch_size))
-  ctx = StageContext(cfg=cfg, model=model_cfg, placement=placement, tokenizer=resolve_tokenizer(cfg),
-                     writer=writer, is_main=parallel.is_main_process())
+  config = dataclasses.replace(resolve(cfg), model=model_cfg)
+  placement = parallel.make_placement(config.parallel, model_cfg, config.train.batch_size)
+  ctx = StageContext(cfg=cfg, config=config, model=model_cfg, placement=placement,
+                     tokenizer=stage_tokenizer(config), writer=writer,
+                     is_main=parallel.is_main_process())
   # The eval pieces of a member's run: held-out pairs, and fresh SFT pairs for gold agreement.
   eval_run = build_run(ctx)
   evaluator = eval_run.evaluate

@@ -26,12 +26,15 @@ HPARAMS = ("clip",)
 
 
 def validate(cfg: ConfigDict) -> None:
+  """`rloo.*` and the shared group keys (group size, minibatches, KL placement)."""
   critic_free.validate_group(cfg, "rloo")
   if not 0 < cfg.rloo.clip < 1:
     raise ConfigError(f"config.rloo.clip: must be in (0, 1), got {cfg.rloo.clip}")
 
 
 def build_run(ctx: StageContext):
+  """The RLOO Run (`critic_free.build_group_run`): leave-one-out advantages (each sample's
+  reward minus the mean of the other samples of its prompt) and a symmetric clip."""
   def advantages(rewards, group_size, hp):
     return rl.rloo_advantages(rewards, group_size)
 
@@ -39,6 +42,7 @@ def build_run(ctx: StageContext):
 
 
 def export(ctx: StageContext, state) -> None:
+  """Writes WORKDIR/export: the policy params, as an LM export."""
   online.export_policy(ctx, state, "rloo")
 
 

@@ -17,42 +17,44 @@ import os
 import jax
 import numpy as np
 
-from alignax import evaluation
+from alignax.tasks import evaluation
 from alignax.generation import Sampler, SamplingConfig
 from alignax.tasks.world import SHOWCASE_PROMPTS
 
 
-def eval_prompt_records(cfg, records: list[dict] | None = None) -> list[dict]:
-  """`eval.num_prompts` of the world's eval prompts, in a fixed (seeded) order."""
+def eval_prompt_records(config, records: list[dict] | None = None) -> list[dict]:
+  """`eval.num_prompts` of the world's eval prompts (or of `records`), in a fixed order seeded by
+  `config.seed` (`config`: a `RunConfig`)."""
   if records is None:
     from alignax.data import sources
-    records = sources.split_sources(cfg, "prompts")["eval"]
+    records = sources.split_sources(config.data, "prompts", config.world)["eval"]
   records = [records[i] for i in range(len(records))]
-  order = np.random.default_rng(int(cfg.seed) + 17).permutation(len(records))
-  return [records[i] for i in order[: int(cfg.eval.num_prompts)]]
+  order = np.random.default_rng(config.seed + 17).permutation(len(records))
+  return [records[i] for i in order[: config.eval.num_prompts]]
 
 
 class WorldEvaluator:
   """`evaluate(params, step, reference=None) -> metrics` for a policy on the world task."""
 
-  def __init__(self, cfg, lm, tokenizer, writer=None, fmt: str = "chat", records=None):
-    self.cfg, self.lm, self.tokenizer, self.writer, self.fmt = cfg, lm, tokenizer, writer, fmt
-    self.prompt_records = eval_prompt_records(cfg, records)
-    self.samples_per_prompt = int(cfg.eval.get("samples_per_prompt", 1))
+  def __init__(self, config, lm, tokenizer, writer=None, fmt: str = "chat", records=None):
+    """`config`: the run's `RunConfig` (its `eval`, `seed`, `workdir` and `data.chat_template`)."""
+    self.lm, self.tokenizer, self.writer, self.fmt = lm, tokenizer, writer, fmt
+    self.eval, self.seed, self.workdir = config.eval, config.seed, config.workdir
+    self.prompt_records = eval_prompt_records(config, records)
+    self.samples_per_prompt = self.eval.samples_per_prompt
     # Sample j of prompt i is row i * k + j: one sampling pass covers every sample.
     self.records = [r for r in self.prompt_records for _ in range(self.samples_per_prompt)]
-    self.save_samples = bool(cfg.eval.get("save_samples", False))
-    n_new = int(cfg.eval.max_new_tokens)
-    self.sampler = Sampler(lm, tokenizer, SamplingConfig(temperature=float(cfg.eval.temperature),
+    n_new = self.eval.max_new_tokens
+    self.sampler = Sampler(lm, tokenizer, SamplingConfig(temperature=self.eval.temperature,
                                                          max_new_tokens=n_new))
     self.greedy = Sampler(lm, tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=n_new))
-    self.batch_size = int(cfg.eval.batch_size)
-    self.template = cfg.data.get("chat_template", "markers")
+    self.batch_size = self.eval.batch_size
+    self.template = config.data.chat_template
 
   def __call__(self, params, step: int, reference=None, proxy=None) -> dict[str, float]:
     """World metrics of fresh samples; with `reference` (lm, params) also `kl_to_reference`; with
     `proxy` (a function of Samples -> [n] reward-model scores) also `proxy_reward`."""
-    key = jax.random.fold_in(jax.random.key(int(self.cfg.seed) + 1), step)
+    key = jax.random.fold_in(jax.random.key(self.seed + 1), step)
     samples = evaluation.sample_prompts(self.sampler, params, [r["prompt"] for r in self.records],
                                         key, fmt=self.fmt, batch_size=self.batch_size,
                                         template=self.template)
@@ -64,15 +66,15 @@ class WorldEvaluator:
     if proxy is not None:
       per_sample["proxy_reward"] = np.asarray(proxy(samples), np.float64).reshape(-1)
     metrics = evaluation.summarize(per_sample)
-    if self.save_samples and jax.process_index() == 0:
+    if self.eval.save_samples and jax.process_index() == 0:
       self.write_samples(step, samples, per_sample)
-    if self.cfg.eval.showcase:
+    if self.eval.showcase:
       self.write_showcase(params, step)
     return metrics
 
   def write_samples(self, step: int, samples, per_sample: dict) -> str:
     """Writes WORKDIR/eval_samples/step_<step>.jsonl atomically (a rerun of the step replaces it)."""
-    folder = os.path.join(self.cfg.workdir, "eval_samples")
+    folder = os.path.join(self.workdir, "eval_samples")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:08d}.jsonl")
     k = self.samples_per_prompt
@@ -95,6 +97,6 @@ class WorldEvaluator:
     table = evaluation.sample_table(SHOWCASE_PROMPTS, {f"step {step} (greedy)": shown.texts})
     if self.writer is not None and self.writer.enabled:
       self.writer.write_text(step, "samples", table)
-      with open(os.path.join(self.cfg.workdir, "samples.md"), "a", encoding="utf-8") as f:
+      with open(os.path.join(self.workdir, "samples.md"), "a", encoding="utf-8") as f:
         f.write(f"\n### step {step}\n\n{table}\n")
     return table

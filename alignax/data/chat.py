@@ -110,10 +110,3 @@ def encode_prompt(tok: Tokenizer, prompt: str | Sequence[Message],
   opening."""
   ids, _ = encode_chat(tok, _as_messages(prompt), add_generation_prompt=True, template=template)
   return ids
-
-
-def encode_prompt_response(tok: Tokenizer, prompt: str | Sequence[Message], response: str,
-                           template: "ChatTemplate | str" = "markers") -> tuple[list[int], list[int]]:
-  """Ids and loss mask of prompt + one assistant response (with its `<eos>`), mask on the response."""
-  return encode_chat(tok, _as_messages(prompt) + [{"role": "assistant", "content": response}],
-                     template=template)

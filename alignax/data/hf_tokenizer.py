@@ -25,8 +25,8 @@ import os
 from typing import Sequence
 
 from alignax.data import tokenizer as byte_tokenizer
-from alignax.data.schemas import DataError
 from alignax.data.tokenizer import ROLES
+from alignax.errors import DataError
 
 ROLE_TOKENS = {r: f"<|{r}|>" for r in ROLES}
 # Fallback names, most specific first: the first one the vocabulary has is used.

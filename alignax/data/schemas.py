@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 from alignax.data import chat
+from alignax.errors import DataError  # noqa: F401  (raised here; importable from here)
 
 SCHEMAS = ("text", "sft", "preference", "unpaired", "prompts")
 BAD_RECORD_POLICIES = ("error", "skip")
@@ -51,8 +52,6 @@ _ISSUE_MESSAGES = {
 }
 
 
-class DataError(ValueError):
-  """Bad input data or a bad data argument; the message names the file/line or record."""
 
 
 def check_policy(bad_records: str) -> str:

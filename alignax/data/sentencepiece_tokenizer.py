@@ -18,8 +18,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from alignax.data import tokenizer as byte_tokenizer
-from alignax.data.schemas import DataError
 from alignax.data.tokenizer import ROLES
+from alignax.errors import DataError
 
 ROLE_PIECES = {r: f"<|{r}|>" for r in ROLES}
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"

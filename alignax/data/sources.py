@@ -1,7 +1,8 @@
 """Where a stage's records come from: the built-in world or the user's files, via TFDS.
 
-`split_sources(cfg, kind)` returns {"train": source, "eval": source} for a record kind
-("pretrain" text, "sft", "preference", "prompts"). Sources are random-access (len() and [i])
+`split_sources(data, kind, world)` returns {"train": source, "eval": source} for a record kind
+("pretrain" text, "sft", "preference", "prompts") from the typed `data.*` section
+(`DataConfig`) and, for the built-in world, its `WorldConfig`. Sources are random-access (len() and [i])
 and feed the grain pipelines in `alignax.data.pipeline`.
 
   data.source = "world": the world of `world.*`, built once into an array_record TFDS dataset
@@ -23,7 +24,8 @@ import jax
 from absl import logging
 
 from alignax.data import readers, tfds_builders
-from alignax.data.schemas import DataError
+from alignax.data.config import DataConfig
+from alignax.errors import DataError
 
 SCHEMAS = {"pretrain": "text", "sft": "sft", "preference": "preference", "prompts": "prompts"}
 
@@ -51,8 +53,8 @@ def _jsonable(world_cfg) -> Any:
   return dataclasses.asdict(world_cfg)
 
 
-def _tfds_dir(cfg) -> str:
-  return cfg.data.get("tfds_dir", "") or default_tfds_dir()
+def _tfds_dir(data: DataConfig) -> str:
+  return data.tfds_dir or default_tfds_dir()
 
 
 def _barrier(name: str) -> None:
@@ -62,12 +64,17 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def world_splits(cfg) -> dict[str, Any]:
-  """All of the world's splits {name: source} for `cfg.world`."""
-  from alignax.config import world_config
+def _need_world(world) -> None:
+  if world is None:
+    raise DataError("data.source='world' needs the config's world.* section")
+
+
+def world_splits(data: DataConfig, world) -> dict[str, Any]:
+  """All of the world's splits {name: source} for `world` (a `WorldConfig`)."""
   from alignax.tasks.world import build_world
-  wcfg = world_config(cfg.world)
-  if cfg.data.get("loader", "tfds") == "memory":
+  _need_world(world)
+  wcfg = world
+  if data.loader == "memory":
     return build_world(wcfg).splits()
   import dataclasses
 
@@ -75,33 +82,33 @@ def world_splits(cfg) -> dict[str, Any]:
     return build_world(dataclasses.replace(wcfg, seed=seed)).splits()
 
   tag = world_fingerprint(wcfg)
-  data_dir = _tfds_dir(cfg)
+  data_dir = _tfds_dir(data)
   if jax.process_index() == 0:
     tfds_builders.build_world_dataset(data_dir, wcfg.seed, splits_fn, tag=tag)
   _barrier("alignax_world_built")
   return tfds_builders.world_sources(data_dir, wcfg.seed, splits_fn, tag=tag)
 
 
-def file_splits(cfg, kind: str) -> dict[str, Any]:
+def file_splits(data: DataConfig, kind: str) -> dict[str, Any]:
   """{"train", "eval"} sources from `data.train_files` / `data.eval_files`."""
   schema = SCHEMAS[kind]
-  text_mode = cfg.data.get("text_mode", "lines")
-  bad = cfg.data.bad_records
-  files = {"train": cfg.data.train_files}
-  if cfg.data.eval_files:
-    files["eval"] = cfg.data.eval_files
-  if cfg.data.get("loader", "tfds") == "memory":
+  text_mode = data.text_mode
+  bad = data.bad_records
+  files = {"train": ",".join(data.train_files)}
+  if data.eval_files:
+    files["eval"] = ",".join(data.eval_files)
+  if data.loader == "memory":
     out = {s: readers.read_records(p, schema, bad_records=bad, text_mode=text_mode) for s, p in files.items()}
     for s, recs in out.items():
       _log_counts(s, recs)
   else:
-    data_dir = _tfds_dir(cfg)
+    data_dir = _tfds_dir(data)
     if jax.process_index() == 0:
       tfds_builders.build_files_dataset(data_dir, schema, files, text_mode=text_mode, bad_records=bad)
     _barrier("alignax_files_built")
     out = tfds_builders.files_sources(data_dir, schema, files, text_mode=text_mode, bad_records=bad)
   if "eval" not in out:
-    out = hold_out(out["train"], int(cfg.data.get("eval_records", 0) or 0))
+    out = hold_out(out["train"], data.eval_records)
   return out
 
 
@@ -155,16 +162,22 @@ def hold_out(source, n: int) -> dict[str, Any]:
   return {"train": Slice(source, 0, total - n, **read), "eval": Slice(source, total - n, total)}
 
 
-def split_sources(cfg, kind: str) -> dict[str, Any]:
-  """{"train": source, "eval": source or None} of `kind` records for this config."""
+def split_sources(data: DataConfig, kind: str, world=None) -> dict[str, Any]:
+  """{"train": source, "eval": source or None} of `kind` records.
+
+  Args:
+    data: the `data.*` section.
+    kind: "pretrain", "sft", "preference" or "prompts".
+    world: the `WorldConfig` (needed when data.source is "world").
+  """
   if kind not in SCHEMAS:
     raise ValueError(f"unknown record kind {kind!r}")
-  if cfg.data.source == "world":
-    splits = world_splits(cfg)
+  if data.source == "world":
+    splits = world_splits(data, world)
     return {"train": splits[f"{kind}_train"], "eval": splits[f"{kind}_eval"]}
-  if cfg.data.source == "files":
-    return file_splits(cfg, kind)
-  raise DataError(f"config.data.source: unknown source {cfg.data.source!r}")
+  if data.source == "files":
+    return file_splits(data, kind)
+  raise DataError(f"config.data.source: unknown source {data.source!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,15 +187,15 @@ def split_sources(cfg, kind: str) -> dict[str, Any]:
 WORLD_BPE = "world_bpe"
 
 
-def world_tokenizer_path(cfg, vocab_size: int) -> str:
-  """The cached world BPE model for `cfg.world`, trained first if missing (process 0 only).
+def world_tokenizer_path(data: DataConfig, world, vocab_size: int) -> str:
+  """The cached world BPE model for `world`, trained first if missing (process 0 only).
 
   Training is deterministic (one thread, fixed input order), so every stage and process of a
   run resolves the same file; the name carries the world fingerprint and the vocabulary size.
   """
-  from alignax.config import world_config
-  wcfg = world_config(cfg.world)
-  folder = os.path.join(_tfds_dir(cfg), "tokenizers")
+  _need_world(world)
+  wcfg = world
+  folder = os.path.join(_tfds_dir(data), "tokenizers")
   path = os.path.join(folder, f"world_{world_fingerprint(wcfg)}_bpe{vocab_size}.model")
   if jax.process_index() == 0 and not os.path.exists(path):
     from alignax.data.sentencepiece_tokenizer import train_sentencepiece
@@ -202,14 +215,14 @@ def world_tokenizer_path(cfg, vocab_size: int) -> str:
   return path
 
 
-def resolve_tokenizer(cfg):
-  """The tokenizer `cfg.tokenizer` names (see above)."""
-  from alignax.data.tokenizer import make_tokenizer
-  spec = cfg.tokenizer
+def resolve_tokenizer(spec: str, data: DataConfig | None = None, world=None):
+  """The tokenizer `spec` (the config's `tokenizer`) names (see above); a world BPE needs the
+  `data.*` section (where it is cached) and the `WorldConfig`."""
+  from alignax.data.tokenizers import make_tokenizer
   if spec == WORLD_BPE or spec.startswith(WORLD_BPE + ":"):
     try:
       vocab = int(spec.split(":", 1)[1]) if ":" in spec else 1024
     except ValueError:
       raise DataError(f"config.tokenizer: expected 'world_bpe:<vocab size>', got {spec!r}") from None
-    return make_tokenizer(world_tokenizer_path(cfg, vocab))
+    return make_tokenizer(world_tokenizer_path(data or DataConfig(), world, vocab))
   return make_tokenizer(spec)

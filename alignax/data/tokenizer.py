@@ -14,7 +14,6 @@ The byte tokenizer maps byte b to id b (0..255), followed by the special tokens.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -119,23 +118,3 @@ def encode_batch(tok: Tokenizer, texts: Sequence[str], max_len: int, *, add_bos:
     else:
       ids[row, max_len - n:], mask[row, max_len - n:] = seq, True
   return ids, mask, num_truncated
-
-
-def make_tokenizer(name_or_path: str) -> Tokenizer:
-  """"bytes" -> ByteTokenizer; "*.model" -> SentencePieceTokenizer; a Hugging Face
-  `tokenizer.json` (or a directory containing one) -> HFTokenizer."""
-  from alignax.data.schemas import DataError  # lazy: schemas imports this module's users
-  if name_or_path in ("bytes", "byte"):
-    return ByteTokenizer()
-  if name_or_path.endswith(".model"):
-    from alignax.data.sentencepiece_tokenizer import SentencePieceTokenizer
-    return SentencePieceTokenizer(name_or_path)
-  # --- Hugging Face tokenizer.json (alignax.data.hf_tokenizer) ---
-  if name_or_path.endswith(".json") or os.path.isdir(name_or_path):
-    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):
-      raise DataError(f"tokenizer {name_or_path!r}: the directory has no tokenizer.json")
-    from alignax.data.hf_tokenizer import HFTokenizer
-    return HFTokenizer(name_or_path)
-  # --- end Hugging Face tokenizer.json ---
-  raise DataError(f"unknown tokenizer {name_or_path!r}; expected 'bytes', a SentencePiece "
-                 f"'*.model' file or a Hugging Face 'tokenizer.json'")

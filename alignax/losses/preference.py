@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from alignax.losses.masked import masked_mean, masked_var
+
 Array = jax.Array
 
 
@@ -18,13 +20,8 @@ def _weights(x: Array, weights: Array | None) -> Array:
   return jnp.ones_like(x, jnp.float32) if weights is None else weights.astype(jnp.float32)
 
 
-def weighted_mean(x: Array, w: Array) -> Array:
-  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
 def weighted_std(x: Array, w: Array) -> Array:
-  mean = weighted_mean(x, w)
-  return jnp.sqrt(weighted_mean((x - mean) ** 2, w))
+  return jnp.sqrt(masked_var(x, w))
 
 
 def bradley_terry_loss(r_chosen: Array, r_rejected: Array, *, margin: Array | None = None,
@@ -53,9 +50,9 @@ def bradley_terry_loss(r_chosen: Array, r_rejected: Array, *, margin: Array | No
   both = jnp.concatenate([r_chosen, r_rejected])
   both_w = jnp.concatenate([w, w])
   metrics = {
-      "accuracy": weighted_mean((diff > 0).astype(jnp.float32), w),
-      "margin": weighted_mean(diff, w),
-      "reward_mean": weighted_mean(both, both_w),
+      "accuracy": masked_mean((diff > 0).astype(jnp.float32), w),
+      "margin": masked_mean(diff, w),
+      "reward_mean": masked_mean(both, both_w),
       "reward_std": weighted_std(both, both_w),
   }
   return jnp.sum(per_pair * w), jnp.sum(w), metrics
@@ -72,12 +69,12 @@ LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo")
 def _implicit_metrics(pc, pr, rc, rr, beta, w):
   reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
   return {
-      "rewards/chosen": weighted_mean(reward_c, w),
-      "rewards/rejected": weighted_mean(reward_r, w),
-      "rewards/accuracy": weighted_mean((reward_c > reward_r).astype(jnp.float32), w),
-      "rewards/margin": weighted_mean(reward_c - reward_r, w),
-      "logps/chosen": weighted_mean(pc, w),
-      "logps/rejected": weighted_mean(pr, w),
+      "rewards/chosen": masked_mean(reward_c, w),
+      "rewards/rejected": masked_mean(reward_r, w),
+      "rewards/accuracy": masked_mean((reward_c > reward_r).astype(jnp.float32), w),
+      "rewards/margin": masked_mean(reward_c - reward_r, w),
+      "logps/chosen": masked_mean(pc, w),
+      "logps/rejected": masked_mean(pr, w),
   }
 
 
@@ -128,7 +125,7 @@ def dpo_loss(loss_type: str, pc: Array, pr: Array, rc: Array | None, rr: Array |
         return a - jnp.log(-jnp.expm1(a))
       per_pair = -ac - beta * jax.nn.log_sigmoid(log_odds(ac) - log_odds(ar))
     metrics = _implicit_metrics(ac, ar, 0.0, 0.0, beta, w)
-    metrics.update({"logps/chosen": weighted_mean(pc, w), "logps/rejected": weighted_mean(pr, w)})
+    metrics.update({"logps/chosen": masked_mean(pc, w), "logps/rejected": masked_mean(pr, w)})
     return jnp.sum(per_pair * w), jnp.sum(w), metrics
   if rc is None or rr is None:
     raise ValueError(f"{loss_type} needs reference logprobs")
@@ -173,6 +170,6 @@ def kto_loss(policy: Array, ref: Array, desirable: Array, kl_ref: Array, *, beta
   r = policy - ref
   per = (d * desirable_weight * (1 - jax.nn.sigmoid(beta * (r - z)))
          + (1 - d) * undesirable_weight * (1 - jax.nn.sigmoid(beta * (z - r))))
-  metrics = {"rewards/desirable": weighted_mean(beta * r, w * d),
-             "rewards/undesirable": weighted_mean(beta * r, w * (1 - d)), "kl": z}
+  metrics = {"rewards/desirable": masked_mean(beta * r, w * d),
+             "rewards/undesirable": masked_mean(beta * r, w * (1 - d)), "kl": z}
   return jnp.sum(per * w), jnp.sum(w), metrics

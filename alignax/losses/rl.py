@@ -20,20 +20,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from alignax.losses.masked import masked_mean, masked_var
+
 Array = jax.Array
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_weighted")
 KL_PLACEMENTS = ("reward", "loss", "none")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-
-
-def masked_mean(x: Array, mask: Array) -> Array:
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def masked_var(x: Array, mask: Array) -> Array:
-  mean = masked_mean(x, mask)
-  return masked_mean((x - mean) ** 2, mask)
 
 
 def whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) -> Array:

@@ -44,13 +44,11 @@ class ModelConfig:
     param_dtype: storage dtype of parameters.
     remat: what the backward pass recomputes. "dots" (default): matmul outputs are saved, the
       elementwise ops between them (norms, activations, softmax) are recomputed, so the layer
-      scan stacks far fewer [L, B*T, d_ff] residuals: on 2 CPU cores the standard model's
-      forward + backward takes 15% less time than with "none" (everything saved), the tiny
-      preset's 23% less, and every platform saves activation memory. "full" recomputes each
-      block from its input (least memory).
+      scan stacks far fewer [L, B*T, d_ff] residuals (less activation memory; on CPU also
+      faster than "none", see the README's benchmarks). "none" saves everything; "full"
+      recomputes each block from its input (least memory).
     scan_unroll: layers per iteration of the layer scan (1 = rolled: compile time flat in
-      depth). With remat "none", unrolling speeds up the CPU backward pass; with "dots" it
-      does not.
+      depth).
     init_std: std of the normal initializer for weight matrices.
   """
 

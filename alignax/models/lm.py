@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from alignax.models.config import ModelConfig
@@ -58,9 +57,3 @@ def abstract_lm(cfg: ModelConfig) -> tuple[LanguageModel, nnx.State]:
 
 def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
-
-
-def cast_params(params, dtype) -> nnx.State:
-  """A copy of `params` with floating leaves cast to `dtype`."""
-  dtype = jnp.dtype(dtype)
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignax.models.config import ModelConfig
-from alignax.parallel import constrain
+from alignax.sharding import constrain
 
 Array = jax.Array
 RESIDUAL_AXES = ("batch", "length", "act_embed")

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 
 from alignax import checkpoint as ckpt_lib
-from alignax import evaluation
+from alignax.tasks import evaluation
 from alignax.generation import Sampler, SamplingConfig
-from alignax.generation.cli import RAW_STAGES, chat_template_of, load_policy
+from alignax.run_models import RAW_STAGES, chat_template_of, load_policy
 from alignax.tasks import world_facts, world_gold
 
 
@@ -85,15 +85,13 @@ def discover_models(workdir: str) -> dict[str, str]:
 
 def _tokenizer(spec: str, workdir: str):
   """The tokenizer an export names; a world BPE is the one trained on the run's own world."""
-  from alignax.config import base_config, read_config, world_section
+  from alignax.config import read_config, world_config, world_section
   from alignax.data.sources import resolve_tokenizer
-  cfg = base_config("studio")
-  cfg.tokenizer = spec
   try:
-    cfg.world = read_config(workdir).world
+    world = read_config(workdir).world
   except Exception:  # no config.json (an imported run): the default world
-    cfg.world = world_section()
-  return resolve_tokenizer(cfg)
+    world = world_section()
+  return resolve_tokenizer(spec, world=world_config(world))
 
 
 def gold(prompt: str, text: str, ended: bool) -> dict:

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from alignax.errors import ConfigError
 from alignax.tasks import world_facts as wf
 from alignax.tasks import world_gold as wg
 from alignax.tasks import world_text as wt
@@ -78,20 +79,14 @@ class WorldConfig:
   pretrain_mix: relative frequency of each kind of pretraining document (PRETRAIN_DOC_KINDS).
     Forum Q&A is half of the default mix: its answers restate the question's subject ("Q: What
     is the capital of France? A: The capital of France is Paris."), which is what teaches a
-    small base model to answer a question about the subject it was asked (with the former mix,
-    a third encyclopedia, a quarter forum, the configs/pretrain.py:tiny model answered 79% of
-    forum questions greedily vs 100% now, and 56% vs 87% when sampled; SFT from it, 59% vs 72%
-    eval accuracy).
+    small base model to answer a question about the subject it was asked (the README's "The
+    world's defaults" gives the measurements behind this and the other defaults).
   num_sft, num_sft_eval: SFT demonstrations per split.
   harmful_fraction: fraction of harmful requests among SFT demonstrations and preference prompts.
   num_preference_pairs, num_preference_eval: pairs *attempted* per split; pairs whose two
-    responses are the same text are dropped (and counted), so slightly fewer come out. 8000:
-    one pass over twice the pairs beats two passes over 4000 for the tiny reward model (0.82 vs
-    0.79 held-out accuracy against the gold order, same steps).
+    responses are the same text are dropped (and counted), so slightly fewer come out.
   label_temperature: Bradley-Terry noise temperature in gold-score units,
-    P(a > b) = sigmoid((g_a - g_b) / T). Measured on 4000 demo pairs (seeds 0-4),
-    labels agree with the strict gold order (ties excluded, ~9% of pairs) 86.8% of the time at
-    the default 0.75 (86.1-87.7% per seed); 0.5 gives 90.4%, 1.0 gives 83.8%; 0 is noiseless.
+    P(a > b) = sigmoid((g_a - g_b) / T); 0 is noiseless.
   rater_bias, rater_bias_strength: how the simulated raters who label preference pairs deviate
     from the gold labeler (world_gold.rater_score): "none" (they see the gold score), or
     "confident" (they reward a confident, flattering tone and credit it as correct, scaled by
@@ -123,6 +118,18 @@ class WorldConfig:
   num_eval_prompts: int = 200
   rater_bias: str = "none"
   rater_bias_strength: float = 1.0
+
+  @classmethod
+  def from_mapping(cls, section) -> "WorldConfig":
+    """From a `world.*` section (a ConfigDict, or a dict read back from JSON, where tuples
+    are lists). Raises ConfigError naming the problem."""
+    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    if "pretrain_mix" in values:
+      values["pretrain_mix"] = tuple((str(k), float(v)) for k, v in values["pretrain_mix"])
+    try:
+      return cls(**values)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.world: {e}") from None
 
   def __post_init__(self):
     if self.seed < 0:

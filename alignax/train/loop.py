@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 
 from alignax import metrics as metrics_lib
+from alignax.data.iterators import measure
+from alignax.train.config import TrainConfig
 from alignax.train.state import TrainState
 
 
@@ -34,8 +36,10 @@ class Run:
     batches: an iterator of host batches with `get_state()`/`set_state()` (for exact resume) and
       optionally `stats()` (counters of the data pipeline, logged).
     evaluate: `(state) -> {name: float}` or None; names without a prefix get "eval/".
-    tokens_per_batch: tokens a batch trains on (for tokens/s), or a function of the batch.
     total_steps: steps to run.
+    tokens_per_batch: tokens a batch trains on (for tokens/s), or a function of the host batch;
+      None (offline stages): the data pipeline's own count of the batch's non-padding tokens
+      (`batch_tokens`), over all processes.
     on_log: optional `(step, row) -> None` hook after each metrics row (e.g. extra text panels).
     after_step: optional `(step, metrics) -> None` check after every step (e.g. that a host-side
       reward function succeeded); when it raises, the loop saves a checkpoint, then re-raises.
@@ -46,10 +50,23 @@ class Run:
   train_step: Callable[[TrainState, Any], tuple[TrainState, Mapping[str, jax.Array]]]
   batches: Iterator
   evaluate: Callable[[TrainState], Mapping[str, float]] | None
-  tokens_per_batch: int | Callable[[Any], int]
   total_steps: int
+  tokens_per_batch: int | Callable[[Any], int] | None = None
   on_log: Callable[[int, dict], None] | None = None
   after_step: Callable[[int, Mapping[str, jax.Array]], None] | None = None
+
+
+def batch_tokens(host_batch) -> int:
+  """Non-padding tokens of a host batch, over all processes: the count the data pipeline
+  keeps (`stats()["tokens"]`), so tokens/s and the data counters agree."""
+  return measure(host_batch)[0] * jax.process_count()
+
+
+def tokens_of(run: Run, host_batch) -> int:
+  n = run.tokens_per_batch
+  if n is None:
+    return batch_tokens(host_batch)
+  return n(host_batch) if callable(n) else n
 
 
 def _step_of(state) -> int:
@@ -65,24 +82,17 @@ def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict:
   return {(k if k.split("/", 1)[0] in PHASES else f"{prefix}/{k}"): v for k, v in values.items()}
 
 
-def nonfinite_limit(cfg, total_steps: int) -> float:
-  """Non-finite steps a "skip" run tolerates: `train.max_nonfinite` as a count, or as a fraction
-  of `total_steps` when below 1."""
-  limit = float(cfg.train.get("max_nonfinite", 0.1))
-  return limit * total_steps if limit < 1 else limit
-
-
-def _raise_if_failing(state: TrainState, cfg, total_steps: int, checkpointer) -> None:
+def _raise_if_failing(state: TrainState, train: TrainConfig, total_steps: int, checkpointer) -> None:
   """Stops a "skip" run whose non-finite steps exceed `train.max_nonfinite` (HaltError)."""
-  if cfg.train.nonfinite != "skip":
+  if train.nonfinite != "skip":
     return
   count = int(np.asarray(jax.device_get(state.nonfinite)).max())  # [M] for members: the worst
-  limit = nonfinite_limit(cfg, total_steps)
+  limit = train.nonfinite_limit(total_steps)
   if count > limit:
     saved = getattr(checkpointer, "last_saved", None)
     where = f"the last good checkpoint is step {saved}" if saved is not None else "no checkpoint was saved"
     raise HaltError(f"{count} of {_step_of(state)} steps had a non-finite loss, gradient or update, more "
-                    f"than train.max_nonfinite={cfg.train.get('max_nonfinite', 0.1)} allows ({limit:g} of "
+                    f"than train.max_nonfinite={train.max_nonfinite} allows ({limit:g} of "
                     f"train.steps={total_steps}); their updates were skipped, so no params are "
                     f"non-finite; {where}. Lower optimizer.lr or check "
                     f"the data (train/nonfinite in metrics.jsonl counts them)")
@@ -101,13 +111,16 @@ def _raise_if_halted(state: TrainState, checkpointer) -> None:
                   f"the last good checkpoint is step {saved}")
 
 
-def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib.MetricsWriter,
-             is_main: bool = True, stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
+def run_loop(run: Run, train: TrainConfig, *, placement, eval_every: int = 0, checkpoint_every: int = 0,
+             checkpointer=None, writer: metrics_lib.MetricsWriter, is_main: bool = True,
+             stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
   """Trains `run` to `run.total_steps`, resuming from `checkpointer` when it holds a step.
 
   Args:
     run: the stage's pieces.
-    cfg: the resolved config (train.log_every, train.eval_every, checkpoint.every, ...).
+    train: log_every, progress bar, the non-finite policy and budget.
+    eval_every: steps between `run.evaluate` calls (`eval.every`; 0: only at the start and end).
+    checkpoint_every: steps between saves (`checkpoint.every`; 0: only at the end).
     placement: an object with `state_sharding(state)`, `put_batch(batch)` and `jit_step(fn, state)`
       (from `alignax.parallel`).
     checkpointer: None, or an object with `restore(state, batches) -> state | None`,
@@ -130,19 +143,17 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
     logging.warning("stop requested before step %d: exiting before training", start + 1)
     return state
   step_fn = placement.jit_step(run.train_step, state)
-  log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
-  ckpt_every = int(cfg.checkpoint.every)
+  log_every, ckpt_every = train.log_every, checkpoint_every
 
   if start == 0 and eval_every and run.evaluate is not None:
     writer.write(0, _prefixed("eval", run.evaluate(state)))  # the baseline every curve starts from
-  progress = metrics_lib.Progress(run.total_steps, start, run.name, enabled=is_main and cfg.train.progress)
+  progress = metrics_lib.Progress(run.total_steps, start, run.name, enabled=is_main and train.progress)
   t_last, tokens_since = time.perf_counter(), 0
   step = start
   try:
     while step < run.total_steps:
       host_batch = next(run.batches)
-      tokens_since += (run.tokens_per_batch(host_batch) if callable(run.tokens_per_batch)
-                       else run.tokens_per_batch)
+      tokens_since += tokens_of(run, host_batch)
       state, step_metrics = step_fn(state, placement.put_batch(host_batch))
       step += 1
       if run.after_step is not None:
@@ -166,12 +177,12 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
         progress.update(0, loss=written.get("train/loss", float("nan")),
                         tok_s=int(written["train/tokens_per_sec"]))
         _raise_if_halted(state, checkpointer)
-        _raise_if_failing(state, cfg, run.total_steps, checkpointer)
+        _raise_if_failing(state, train, run.total_steps, checkpointer)
       if eval_every and step % eval_every == 0 and step < run.total_steps and run.evaluate is not None:
         writer.write(step, _prefixed("eval", run.evaluate(state)))
       if checkpointer is not None and ckpt_every and step % ckpt_every == 0:
         _raise_if_halted(state, checkpointer)
-        _raise_if_failing(state, cfg, run.total_steps, checkpointer)
+        _raise_if_failing(state, train, run.total_steps, checkpointer)
         checkpointer.maybe_save(step, state, run.batches)
       progress.update(1)
       if stop_requested():
@@ -180,7 +191,7 @@ def run_loop(run: Run, cfg, *, placement, checkpointer=None, writer: metrics_lib
           checkpointer.maybe_save(step, state, run.batches, force=True)
         return state
     _raise_if_halted(state, checkpointer)
-    _raise_if_failing(state, cfg, run.total_steps, checkpointer)
+    _raise_if_failing(state, train, run.total_steps, checkpointer)
     # A rerun of a finished run trains nothing: its final eval row is already there.
     if run.evaluate is not None and step == run.total_steps and step > start:
       writer.write(step, _prefixed("eval", run.evaluate(state)))

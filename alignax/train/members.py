@@ -38,11 +38,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from alignax import checkpoint as ckpt_lib
 from alignax import metrics as metrics_lib
 from alignax import parallel
-from alignax.config import ConfigDict, ConfigError, save_config, validate_common
-from alignax.data.sources import resolve_tokenizer
-from alignax.models.config import ModelConfig
-from alignax.train.loop import Run, run_loop
-from alignax.train.runner import StageContext, StageResult, log_to_file
+from alignax.config import ConfigDict, ConfigError, resolve, save_config
+from alignax.train.loop import Run, run_loop, tokens_of
+from alignax.train.runner import StageContext, StageResult, log_to_file, stage_tokenizer
 from alignax.train.state import TrainState
 from alignax.train.workdir_lock import WorkdirLock
 
@@ -243,8 +241,7 @@ def _member_tokens(runs: Sequence[Run]):
   def tokens(stacked_batch) -> np.ndarray:
     out = []
     for i, r in enumerate(runs):
-      n = r.tokens_per_batch
-      out.append(n(member_slice(stacked_batch, i)) if callable(n) else n)
+      out.append(tokens_of(r, member_slice(stacked_batch, i)))
     return np.asarray(out, np.float64)
   return tokens
 
@@ -313,7 +310,6 @@ def check_memory(placement: MemberPlacement, state_bytes: int, params_bytes: int
 class Member:
   name: str
   cfg: ConfigDict
-  model: ModelConfig | None = None  # when it does not come from cfg.model (an upstream export)
 
 
 def _check_members_file(group_dir: str, names: list[str], resume: bool) -> None:
@@ -367,25 +363,23 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
   names = [m.name for m in members]
   check_differences(cfgs, names, vectorized)
   template = cfgs[0]
-  parallel.maybe_initialize_distributed(template.parallel.distributed)
-  models = []
-  for m in members:
-    model = validate_common(m.cfg)
-    if m.model is not None:
-      model = m.model
-    if validate is not None:
+  configs = [resolve(m.cfg) for m in members]
+  parallel.maybe_initialize_distributed(configs[0].parallel.distributed)
+  models = [c.model for c in configs]
+  first = configs[0]
+  if validate is not None:
+    for m in members:
       validate(m.cfg)
-    models.append(model)
-  if template.parallel.mode != "jit":
+  if first.parallel.mode != "jit":
     raise ConfigError("config.parallel.mode: a vectorized sweep runs its members under 'jit' (a pmap "
                       "step cannot be vmapped over members)")
-  for m, model in zip(members, models):
-    if resolve_tokenizer(m.cfg).vocab_size > model.vocab_size:
+  tokenizers = [stage_tokenizer(c) for c in configs]
+  for m, model, tok in zip(members, models, tokenizers):
+    if tok.vocab_size > model.vocab_size:
       raise ConfigError(f"member {m.name}: config.model.vocab_size {model.vocab_size} is smaller than "
                         f"the tokenizer's vocabulary")
-  inner = parallel.make_placement(template.parallel, models[0], int(template.train.batch_size),
-                                  with_members=True)
-  placement = MemberPlacement(inner, len(members), str(template.parallel.get("members_step", "vmap")))
+  inner = parallel.make_placement(first.parallel, models[0], first.train.batch_size, with_members=True)
+  placement = MemberPlacement(inner, len(members), first.parallel.members_step)
   placement.split  # noqa: B018 - raises when the members axis does not divide the group
   is_main = parallel.is_main_process()
   group_cfg = ConfigDict(template.to_dict())
@@ -397,17 +391,17 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
       held.enter_context(WorkdirLock(d, enabled=is_main))
     ckpt_lib.check_resume(group_dir, group_cfg)
     if is_main:
-      _check_members_file(group_dir, names, bool(template.train.resume))
+      _check_members_file(group_dir, names, first.train.resume)
       log_to_file(group_dir)
     logging.info("group %s: %d members of %s, mesh %s", group_dir, len(members), template.stage,
                  parallel.describe(inner.mesh))
 
     ctxs, runs = [], []
-    for i, (m, model) in enumerate(zip(members, models)):
+    for i, (m, config, model, tok) in enumerate(zip(members, configs, models, tokenizers)):
       if is_main:
         save_config(m.cfg, m.cfg.workdir)
       writer = metrics_lib.MetricsWriter(m.cfg.workdir, enabled=is_main)
-      ctx = StageContext(cfg=m.cfg, model=model, placement=inner, tokenizer=resolve_tokenizer(m.cfg),
+      ctx = StageContext(cfg=m.cfg, config=config, model=model, placement=inner, tokenizer=tok,
                          writer=writer, is_main=is_main)
       runs.append(build_run(ctx))
       ctxs.append(ctx)
@@ -436,7 +430,8 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
                                          state_sharding=placement.state_sharding,
                                          resume=bool(template.train.resume))
     try:
-      state = run_loop(group_run, template, placement=placement, checkpointer=checkpointer,
+      state = run_loop(group_run, first.train, placement=placement, eval_every=first.eval.every,
+                       checkpoint_every=first.checkpoint.every, checkpointer=checkpointer,
                        writer=writer, is_main=is_main, stop_requested=stop.requested)
       step = int(np.asarray(jax.device_get(state.step)).max())
       finished = step >= group_run.total_steps

@@ -1,25 +1,21 @@
-"""The optimizer from config: AdamW behind a warmup + decay schedule, with global-norm clipping.
-
-Config keys (`optimizer.*`): lr, b1, b2, eps, weight_decay, clip_norm (0 = off), warmup_steps,
-schedule ("cosine" | "linear" | "constant"), min_lr_ratio (final lr / peak lr for decays),
-decay_embeddings_and_norms (weight decay on 1-D params and embeddings; off by default).
-"""
+"""The optimizer of `optimizer.*` (`OptimizerConfig`): AdamW behind a warmup + decay schedule,
+with global-norm clipping."""
 
 from __future__ import annotations
 
 import jax
 import optax
 
-SCHEDULES = ("cosine", "linear", "constant")
+from alignax.train.config import SCHEDULES, OptimizerConfig
 
 
-def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+def make_schedule(opt_cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, or constant."""
-  peak, warmup = float(opt_cfg.lr), int(opt_cfg.warmup_steps)
-  end = peak * float(opt_cfg.min_lr_ratio)
+  peak, warmup = opt_cfg.lr, opt_cfg.warmup_steps
+  end = peak * opt_cfg.min_lr_ratio
   decay_steps = max(int(total_steps) - warmup, 1)
   if opt_cfg.schedule == "cosine":
-    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(opt_cfg.min_lr_ratio))
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt_cfg.min_lr_ratio)
   elif opt_cfg.schedule == "linear":
     after = optax.linear_schedule(peak, end, decay_steps)
   elif opt_cfg.schedule == "constant":
@@ -45,7 +41,7 @@ def _is_stacked_vector(path, x) -> bool:
   return "blocks" in names and x.ndim == 2
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
   """Clipping by global norm (if `clip_norm` > 0), then AdamW with the schedule.
 
   The learning rate lives in the optimizer state (`inject_hyperparams`) so it can be logged.
@@ -53,11 +49,11 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
   schedule = make_schedule(opt_cfg, total_steps)
   mask = None if opt_cfg.decay_embeddings_and_norms else decay_mask
   adamw = optax.inject_hyperparams(optax.adamw)(
-      learning_rate=schedule, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps),
-      weight_decay=float(opt_cfg.weight_decay), mask=mask)
+      learning_rate=schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+      weight_decay=opt_cfg.weight_decay, mask=mask)
   parts = []
-  if float(opt_cfg.clip_norm) > 0:
-    parts.append(optax.clip_by_global_norm(float(opt_cfg.clip_norm)))
+  if opt_cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
   parts.append(adamw)
   return optax.chain(*parts)
 

@@ -17,7 +17,8 @@ from absl import logging
 from alignax import checkpoint as ckpt_lib
 from alignax import metrics as metrics_lib
 from alignax import parallel
-from alignax.config import ConfigDict, save_config, validate_common
+from alignax.config import ConfigDict, RunConfig, resolve, save_config
+from alignax.errors import ConfigError
 from alignax.data.sources import resolve_tokenizer
 from alignax.data.tokenizer import Tokenizer
 from alignax.models.config import ModelConfig
@@ -30,7 +31,8 @@ from alignax.train.workdir_lock import WorkdirLock
 class StageContext:
   """What a stage's builder receives."""
 
-  cfg: ConfigDict
+  cfg: ConfigDict  # the whole config; a stage reads only its own section (`cfg.dpo`, ...) from it
+  config: RunConfig  # the shared sections, typed and validated
   model: ModelConfig
   placement: parallel.Placement
   tokenizer: Tokenizer
@@ -46,6 +48,11 @@ class StageResult:
   workdir: str
 
 
+def stage_tokenizer(config: RunConfig) -> Tokenizer:
+  """The tokenizer a resolved config names (`config.tokenizer`)."""
+  return resolve_tokenizer(config.tokenizer, config.data, config.world)
+
+
 def log_to_file(workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   handler = logging.get_absl_handler()
@@ -57,8 +64,7 @@ def log_to_file(workdir: str) -> None:
 
 def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
                  export: Callable[[StageContext, TrainState], None] | None = None,
-                 validate: Callable[[ConfigDict], None] | None = None,
-                 model_config: ModelConfig | None = None) -> StageResult:
+                 validate: Callable[[ConfigDict], None] | None = None) -> StageResult:
   """Trains a stage with the shared machinery.
 
   Args:
@@ -66,44 +72,41 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
     build_run: builds the stage's Run (initial state, step, data, eval).
     export: writes the stage's export when training finishes.
     validate: stage-specific config checks (raise ConfigError naming the key).
-    model_config: the model when it does not come from `cfg.model` (e.g. loaded from a previous
-      stage's export).
   """
   # Signals are caught from here on, so SIGTERM during start-up or export ends the run cleanly
   # (at the next step boundary, or once the export is complete) instead of killing it mid-write.
   with ckpt_lib.StopSignal() as stop:
-    parallel.maybe_initialize_distributed(cfg.parallel.distributed)
-    model = validate_common(cfg)
-    if model_config is not None:
-      model = model_config
+    config = resolve(cfg)
+    parallel.maybe_initialize_distributed(config.parallel.distributed)
+    model = config.model
     if validate is not None:
       validate(cfg)
-    tokenizer = resolve_tokenizer(cfg)
+    tokenizer = stage_tokenizer(config)
     if tokenizer.vocab_size > model.vocab_size:
-      from alignax.config import ConfigError
       raise ConfigError(f"config.model.vocab_size: {model.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size})")
-    placement = parallel.make_placement(cfg.parallel, model, int(cfg.train.batch_size))
+    placement = parallel.make_placement(config.parallel, model, config.train.batch_size)
     is_main = parallel.is_main_process()
-    workdir = cfg.workdir
+    workdir = config.workdir
     with WorkdirLock(workdir, enabled=is_main):
       # A refused resume leaves the saved config.json as it was.
       ckpt_lib.check_resume(workdir, cfg)
       if is_main:
         save_config(cfg, workdir)
         log_to_file(workdir)
-      logging.info("stage %s: workdir %s, mesh %s, %d processes", cfg.stage, workdir,
+      logging.info("stage %s: workdir %s, mesh %s, %d processes", config.stage, workdir,
                    parallel.describe(placement.mesh), jax.process_count())
       writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-      ctx = StageContext(cfg=cfg, model=model, placement=placement, tokenizer=tokenizer, writer=writer,
+      ctx = StageContext(cfg=cfg, config=config, model=model, placement=placement, tokenizer=tokenizer, writer=writer,
                          is_main=is_main)
       run = build_run(ctx)
       checkpointer = ckpt_lib.Checkpointer(workdir, cfg.checkpoint, cfg,
                                            state_sharding=placement.state_sharding,
                                            resume=bool(cfg.train.resume))
       try:
-        state = run_loop(run, cfg, placement=placement, checkpointer=checkpointer, writer=writer,
-                         is_main=is_main, stop_requested=stop.requested)
+        state = run_loop(run, config.train, placement=placement, eval_every=config.eval.every,
+                         checkpoint_every=config.checkpoint.every, checkpointer=checkpointer,
+                         writer=writer, is_main=is_main, stop_requested=stop.requested)
         step = int(jax.device_get(state.step))
         finished = step >= run.total_steps
         if finished and export is not None:

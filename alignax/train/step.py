@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alignax.errors import ConfigError
+from alignax.train.config import NONFINITE_POLICIES
 from alignax.train.optimizer import effective_lr
 from alignax.train.state import TrainState
 
 LossFn = Callable[[Any, Any, jax.Array, Any, Any], tuple[jax.Array, jax.Array, dict]]
-NONFINITE_POLICIES = ("skip", "halt")
 
 
 def split_microbatches(batch, accum_steps: int):
@@ -154,7 +155,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if axis_name is not None:
       rows = jax.tree.leaves(batch)[0].shape[0]
       if rows % accum_steps:
-        from alignax.config import ConfigError
         raise ConfigError(f"config.train.accum_steps: {accum_steps} does not divide the {rows} rows "
                           f"each device gets in parallel.mode='pmap' (train.batch_size / devices)")
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))

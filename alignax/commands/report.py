@@ -33,10 +33,12 @@ import jax
 import numpy as np
 
 from alignax import checkpoint as ckpt_lib
-from alignax import evaluation, stats
+from alignax import stats
+from alignax.tasks import evaluation
+from alignax.algorithms.common import load_lm_export
+from alignax.config import resolve
 from alignax.generation import Sampler, SamplingConfig
 from alignax.metrics import read_metrics
-from alignax.models import abstract_lm
 from alignax.tasks.world import SHOWCASE_PROMPTS
 
 
@@ -57,19 +59,14 @@ METRIC_NAMES = ("gold_reward", "win_rate_vs_sft", "kl_to_sft", "accuracy", "quiz
 CI = "_ci95"  # the suffix stats.with_intervals gives a 95% interval
 
 
-def load_lm(workdir: str):
-  lm, abstract = abstract_lm(ckpt_lib.export_model_config(workdir))
-  params, _ = ckpt_lib.load_export(workdir, abstract)
-  return lm, params
-
 
 def _eval_records(cfg):
   from alignax.algorithms.world_eval import eval_prompt_records
-  from alignax.pipeline import stage_config
+  from alignax.algorithms.pipeline_config import stage_config
   scfg = stage_config(cfg, "sft")
   with scfg.unlocked():
     scfg.eval.num_prompts = int(cfg.report.num_prompts)
-  return eval_prompt_records(scfg), scfg
+  return eval_prompt_records(resolve(scfg)), scfg
 
 
 def _last_eval(workdir: str) -> dict:
@@ -136,19 +133,19 @@ def confident_wrong_probe(reward_dir: str, sampler: Sampler, prompts, template: 
 def evaluate_models(cfg, names) -> tuple[dict, dict, dict]:
   """(metrics per model, see `model_metrics`; greedy showcase answers per model; the reward
   model's `confident_wrong_probe`)."""
-  from alignax.data.sources import resolve_tokenizer
+  from alignax.train.runner import stage_tokenizer
   records, scfg = _eval_records(cfg)
   sft_dir = os.path.join(cfg.workdir, "sft")
   with scfg.unlocked():
     scfg.tokenizer = ckpt_lib.read_export_meta(sft_dir)["tokenizer"]
-  tok = resolve_tokenizer(scfg)
+  tok = stage_tokenizer(resolve(scfg))
   rcfg = cfg.report
   sampling = SamplingConfig(temperature=float(rcfg.temperature), max_new_tokens=int(rcfg.max_new_tokens))
   prompts = [r["prompt"] for r in records]
   bs = int(rcfg.batch_size)
   num_resamples = int(rcfg.get("bootstrap_resamples", stats.NUM_RESAMPLES))
   key = jax.random.key(int(cfg.seed) + 101)
-  sft_lm, sft_params = load_lm(sft_dir)
+  sft_lm, sft_params = load_lm_export(sft_dir)
   # Every model shares the SFT model's architecture, so one sampler (one compile per prompt
   # shape) serves them all; params are arguments, not constants.
   samplers = {}
@@ -171,7 +168,7 @@ def evaluate_models(cfg, names) -> tuple[dict, dict, dict]:
     workdir = os.path.join(cfg.workdir, stage)
     if stage not in names or not ckpt_lib.has_export(workdir):
       continue
-    lm, params = load_lm(workdir)
+    lm, params = load_lm_export(workdir)
     sampler, greedy = samplers_for(lm)
     samples = evaluation.sample_prompts(sampler, params, prompts, jax.random.fold_in(key, i), fmt=fmt,
                                         batch_size=bs, template=template)
@@ -378,48 +375,3 @@ def make_plots(workdir: str, report: dict) -> list[str]:
   plt.close(fig)
   written.append("kl_vs_gold.png")
   return written
-
-
-def eval_main(flags) -> dict:
-  """`alignax eval --workdir=DIR [--reference=DIR]`: world metrics of one run, printed as JSON
-  and written to WORKDIR/eval.json; either run may be one without an export yet (its latest
-  checkpoint is used, see `alignax.generation.cli.run_params`)."""
-  from alignax.algorithms.world_eval import eval_prompt_records
-  from alignax.config import base_config, read_config
-  from alignax.data.sources import resolve_tokenizer
-  from alignax.generation.cli import RAW_STAGES, chat_template_of, load_policy_and_source
-  # A run without an export yet is evaluated at its latest checkpoint; `source` in the output
-  # says which, so an eval.json of a run in progress is never taken for the finished model's.
-  lm, params, stage, tokenizer_spec, source = load_policy_and_source(flags.workdir)
-  try:
-    cfg = read_config(flags.workdir)
-  except Exception:  # noqa: BLE001  imported runs have no config.json: evaluate on the default world
-    cfg = base_config(stage)
-  with cfg.unlocked():
-    cfg.tokenizer = tokenizer_spec
-    if "world" not in cfg:
-      from alignax.config import world_section
-      cfg.world = world_section()
-    if "eval" not in cfg:
-      from alignax.algorithms.common import eval_section
-      cfg.eval = eval_section()
-    cfg.eval.num_prompts = int(flags.num_prompts)
-    cfg.data.source = "world"
-  tok = resolve_tokenizer(cfg)
-  records = eval_prompt_records(cfg)
-  fmt = "raw" if stage in RAW_STAGES else "chat"
-  sampler = Sampler(lm, tok, SamplingConfig(temperature=1.0, max_new_tokens=int(cfg.eval.max_new_tokens)))
-  samples = evaluation.sample_prompts(sampler, params, [r["prompt"] for r in records],
-                                      jax.random.key(flags.seed), fmt=fmt, batch_size=32,
-                                      template=chat_template_of(flags.workdir))
-  metrics = evaluation.world_metrics(records, samples)
-  if flags.reference:
-    ref_lm, ref_params, _, _, ref_source = load_policy_and_source(flags.reference)
-    metrics["kl_to_reference"] = evaluation.sequence_kl(
-        samples, evaluation.reference_logprobs(ref_lm, ref_params, samples))
-    metrics["reference_source"] = ref_source
-  metrics.update(stage=stage, source=source, num_prompts=len(records), format=fmt)
-  print(json.dumps(metrics, indent=2))
-  with open(os.path.join(flags.workdir, "eval.json"), "w", encoding="utf-8") as f:
-    json.dump(metrics, f, indent=2)
-  return metrics

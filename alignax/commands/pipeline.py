@@ -10,7 +10,6 @@ checkpoint). Wall seconds per stage accumulate across resumes in WORKDIR/stages.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -19,42 +18,8 @@ from absl import logging
 
 from alignax import checkpoint as ckpt_lib
 from alignax.algorithms import registry
-from alignax.config import ConfigDict, ConfigError, save_config, validate_common
-
-SHARED = ("seed", "tokenizer")
-
-
-def stage_names(cfg) -> list[str]:
-  """`config.stages` in registry order, each checked to exist and to have its upstream stages
-  either in the list or already finished in WORKDIR."""
-  known = registry.names()
-  names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-  for s in names:
-    if s not in known:
-      raise ConfigError(f"config.stages: unknown stage {s!r}; stages: {', '.join(known)}")
-  names = [s for s in known if s in names]
-  for s in names:
-    for field, upstream in registry.get(s).upstream.items():
-      if upstream not in names and not ckpt_lib.has_export(os.path.join(cfg.workdir, upstream)):
-        raise ConfigError(f"config.stages: {s} builds on {upstream} ({field}), which is neither in "
-                          f"the list nor finished in {cfg.workdir}")
-  return names
-
-
-def stage_config(cfg, name: str) -> ConfigDict:
-  """The stage's config with the shared keys and the pipeline's workdirs filled in."""
-  scfg = copy.deepcopy(cfg[name])
-  with scfg.unlocked():
-    scfg.workdir = os.path.join(cfg.workdir, name)
-    for key in SHARED:
-      scfg[key] = cfg[key]
-    scfg.world = copy.deepcopy(cfg.world)
-    for key in ("loader", "tfds_dir", "chat_template"):
-      scfg.data[key] = cfg.data[key]
-    for field, upstream in registry.get(name).upstream.items():
-      scfg[field].workdir = os.path.join(cfg.workdir, upstream)
-      scfg[field].run_if_missing = False  # the pipeline runs stages in order itself
-  return scfg
+from alignax.algorithms.pipeline_config import stage_config, stage_names
+from alignax.config import ConfigError, resolve, save_config
 
 
 class StageClock:
@@ -78,13 +43,13 @@ class StageClock:
 def run_pipeline(cfg) -> dict | None:
   """Runs the stages in order and writes the report; returns the report dict (None if stopped)."""
   from alignax.algorithms import run_stage
-  from alignax.report import write_report
+  from alignax.commands.report import write_report
   names = stage_names(cfg)
   for name in names:  # every stage's config is checked before the first one runs
     record = registry.get(name)
     scfg = stage_config(cfg, name)
     try:
-      validate_common(scfg)
+      resolve(scfg)
       if record.validate is not None:
         record.validate(scfg)
     except ConfigError as e:

@@ -1,10 +1,10 @@
-"""`alignax sample --workdir=DIR --prompt="..."`: completions from any stage's run directory.
+"""The language model of a run directory, for the commands that sample or evaluate one.
 
 Loads the run's export when it finished, else its latest checkpoint (a run in progress, or one
 stopped before its last step; a line on stderr says which step). The LM comes from: pretrain /
 SFT / DPO / imported params; PPO's policy; a reward model's backbone (whose LM head is the SFT
-one it started from). Prompts use the chat template, except for pretraining and imported runs,
-which read plain text (`--format` overrides).
+one it started from). Pretraining and imported runs read plain-text prompts (`RAW_STAGES`);
+the others use the chat template they were trained with (`chat_template_of`).
 """
 
 from __future__ import annotations
@@ -97,29 +97,3 @@ def load_policy_and_source(workdir: str):
         + ("; a reward ensemble cannot be sampled as one LM" if stage == "reward" else ""))
   nnx.replace_by_pure_dict(abstract, params)
   return lm, abstract, stage, tokenizer, source
-
-
-def sample_main(flags) -> None:
-  from alignax.data.sources import resolve_tokenizer
-  from alignax.evaluation import sample_prompts
-  from alignax.generation import Sampler, SamplingConfig
-  lm, params, stage, tokenizer_spec = load_policy(flags.workdir)
-  try:
-    cfg = read_config(flags.workdir)
-  except Exception:  # an imported run has no config.json: the export's tokenizer is enough
-    from alignax.config import base_config
-    cfg = base_config(stage)
-  with cfg.unlocked():
-    cfg.tokenizer = tokenizer_spec
-  tok = resolve_tokenizer(cfg)
-  fmt = flags.format if flags.format != "auto" else ("raw" if stage in RAW_STAGES else "chat")
-  prompts = list(flags.prompt) or ["What is the capital of France?"]
-  sampler = Sampler(lm, tok, SamplingConfig(temperature=flags.temperature, top_k=flags.top_k,
-                                            top_p=flags.top_p, max_new_tokens=flags.max_new_tokens))
-  key = jax.random.key(flags.seed)
-  repeated = [p for p in prompts for _ in range(flags.num_samples)]
-  out = sample_prompts(sampler, params, repeated, key, fmt=fmt, batch_size=len(repeated),
-                       template=chat_template_of(flags.workdir))
-  print(f"# {flags.workdir} ({stage}, {fmt} prompts, temperature {flags.temperature})")
-  for prompt, text, ended in zip(repeated, out.texts, out.ended):
-    print(f"> {prompt}\n{text}{'' if ended else ' [no <eos>]'}\n")

@@ -27,7 +27,7 @@ import math
 import os
 import traceback
 
-from alignax.config import ConfigDict, ConfigError, config_key_exists, suggest_keys
+from alignax.config import ConfigDict, ConfigError, config_key_exists, get_key, suggest_keys
 from alignax.stats import t_interval
 
 SEED_KEY = "seed"
@@ -53,13 +53,6 @@ def _cast(key: str, text: str, current):
   return text
 
 
-def _get(cfg: ConfigDict, dotted: str):
-  node = cfg
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
 def parse_grid(cfg: ConfigDict, specs: list[str]) -> dict[str, list]:
   """`["dpo.beta=0.1,0.3", "seed=0,1"]` -> {"dpo.beta": [0.1, 0.3], "seed": [0, 1]}, typed by the
   config's current values; unknown keys, repeated keys and empty value lists are errors."""
@@ -73,11 +66,11 @@ def parse_grid(cfg: ConfigDict, specs: list[str]) -> dict[str, list]:
       close = suggest_keys(cfg, key)
       hint = f" (did you mean: {', '.join(close)}?)" if close else ""
       raise ConfigError(f"--grid: unknown config key {key!r}{hint}")
-    if isinstance(_get(cfg, key), ConfigDict):
+    if isinstance(get_key(cfg, key), ConfigDict):
       raise ConfigError(f"--grid: {key!r} is a section, not a value")
     if key in grid:
       raise ConfigError(f"--grid: {key!r} is given twice")
-    grid[key] = [_cast(key, v.strip(), _get(cfg, key)) for v in values.split(",")]
+    grid[key] = [_cast(key, v.strip(), get_key(cfg, key)) for v in values.split(",")]
   return grid
 
 

@@ -1,0 +1,1 @@
+"""Command bodies: the top layer, called by alignax.cli."""

@@ -1,0 +1,142 @@
+"""Import: a local Hugging Face checkpoint directory -> (ModelConfig, params, info)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from alignax.models.config import DTYPES
+from alignax.models.hf.config_map import (
+  ARCHITECTURES,
+  IGNORED_SUFFIXES,
+  HFError,
+  _read_json,
+  config_from_hf,
+)
+from alignax.models.hf.safetensors_io import SafetensorsReader, weight_files
+from alignax.models.hf.tensors import Rule, params_from_flat, rules_for
+from alignax.models.lm import count_params
+
+
+def _stored_name(reader: SafetensorsReader, family: str) -> Callable[[str], str]:
+  """Expected name -> stored name: the original GPT-2 checkpoints omit the "transformer." prefix."""
+  prefix = "transformer."
+  if family == "gpt2" and prefix + "wte.weight" not in reader and "wte.weight" in reader:
+    return lambda name: name[len(prefix):] if name.startswith(prefix) else name
+  return lambda name: name
+
+
+def _layer_names(rule: Rule, n_layers: int) -> list[str]:
+  return [rule.hf.format(i=i) for i in range(n_layers)] if "{i}" in rule.hf else [rule.hf]
+
+
+def _check_tensors(reader, rules, stored, cfg, arch, src_dir) -> tuple[list[str], list[str]]:
+  """(stored names used, stored names skipped); HFError for a missing, misshapen or unexpected
+  tensor. Runs on headers only, before any tensor is read (large checkpoints read slowly)."""
+  wanted = []
+  for rule in rules:
+    for name in _layer_names(rule, cfg.n_layers):
+      if stored(name) not in reader:
+        raise HFError(f"{src_dir}: tensor {name!r} is missing (expected shape {rule.hf_shape} for "
+                      f"{arch} with this config.json)")
+      shape = reader.shape(stored(name))
+      if shape != rule.hf_shape:
+        raise HFError(f"{src_dir}: tensor {name!r} has shape {shape}, but config.json implies "
+                      f"{rule.hf_shape}")
+      wanted.append(stored(name))
+  leftover = sorted(set(reader.names()) - set(wanted))
+  # A tied checkpoint may still store lm_head.weight; HF ignores it (ties to the embedding) too.
+  ignored = [n for n in leftover
+             if n.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and n == "lm_head.weight")]
+  unexpected = [n for n in leftover if n not in ignored]
+  if unexpected:
+    raise HFError(f"{src_dir}: tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} have "
+                  f"no place in alignax's {arch} mapping (a variant alignax does not implement)")
+  return wanted, ignored
+
+
+def _read_tensors(reader, rules, stored, n_layers: int, target) -> dict[str, np.ndarray]:
+  """{alignax path: array in `target` dtype}, per-layer tensors stacked on a leading axis."""
+  flat: dict[str, np.ndarray] = {}
+  for rule in rules:
+    per_path = [[] for _ in rule.paths]
+    for name in _layer_names(rule, n_layers):
+      for acc, x in zip(per_path, rule.to_alignax(reader.get(stored(name)))):
+        acc.append(np.ascontiguousarray(x.astype(target)))  # cast per tensor: one copy at a time
+    for path, acc in zip(rule.paths, per_path):
+      flat[path] = np.stack(acc) if "{i}" in rule.hf else acc[0]
+  return flat
+
+
+def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None = None,
+              mean_init_ids: Sequence[int] = (), max_seq_len: int | None = None):
+  """Reads a local Hugging Face checkpoint into alignax params.
+
+  Args:
+    src_dir: directory with `config.json` and `model.safetensors` (or shards listed by
+      `model.safetensors.index.json`).
+    dtype: alignax parameter dtype ("float32", "bfloat16", "float16"), or "auto" for the
+      checkpoint's own (`torch_dtype` / `dtype` in config.json).
+    pad_vocab_to: grow the vocabulary to at least this many rows (e.g. a tokenizer that added
+      chat markers); new embedding rows (and untied lm_head columns) are the mean embedding
+      (column), a neutral start that keeps the new tokens' logits at the average.
+    mean_init_ids: existing rows to reset to the mean the same way (markers a tokenizer added
+      inside a vocabulary the checkpoint already padded, as Qwen2's is).
+    max_seq_len: alignax max_seq_len (default: the checkpoint's max positions).
+
+  Returns:
+    (cfg, params, info): the ModelConfig; an `nnx.State` shaped like `abstract_lm(cfg)`; a dict
+    with architecture, model_type, num_params, dtype, source_dtypes, files, hf_vocab_size,
+    ignored_tensors and hf_config.
+  """
+  src_dir = os.path.abspath(src_dir)
+  hf = _read_json(os.path.join(src_dir, "config.json"))
+  if dtype == "auto":
+    dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
+  if dtype not in DTYPES:
+    raise HFError(f"dtype must be one of {DTYPES} or 'auto', got {dtype!r}")
+  where = os.path.join(src_dir, "config.json")
+  cfg, arch = config_from_hf(hf, dtype, max_seq_len=max_seq_len, where=where)
+  family, model_type = ARCHITECTURES[arch]
+  files = weight_files(src_dir)
+  hf_positions = int(hf["n_positions"]) if family == "gpt2" else None
+  rules = rules_for(cfg, family, hf_positions)
+  with SafetensorsReader(files) as reader:
+    stored = _stored_name(reader, family)
+    wanted, ignored = _check_tensors(reader, rules, stored, cfg, arch, src_dir)
+    source_dtypes = sorted({reader.dtype(n) for n in wanted})
+    flat = _read_tensors(reader, rules, stored, cfg.n_layers, jnp.dtype(dtype))
+
+  hf_vocab = cfg.vocab_size
+  new_vocab = max(hf_vocab, int(pad_vocab_to or 0))
+  if new_vocab > hf_vocab or len(mean_init_ids):
+    cfg = dataclasses.replace(cfg, vocab_size=new_vocab)
+    flat = _grow_vocab(flat, hf_vocab, new_vocab, mean_init_ids)
+
+  params = params_from_flat(cfg, flat)
+  info = dict(architecture=arch, model_type=model_type, num_params=count_params(params), dtype=dtype,
+              source_dtypes=source_dtypes, files=files, hf_vocab_size=hf_vocab,
+              vocab_size=cfg.vocab_size, ignored_tensors=ignored, hf_config=hf)
+  return cfg, params, info
+
+
+def _grow_vocab(flat: dict[str, np.ndarray], old: int, new: int, mean_ids: Sequence[int]) -> dict:
+  """Embedding rows (and untied lm_head columns) old..new-1 and `mean_ids` set to the mean."""
+  out = dict(flat)
+  ids = sorted({int(i) for i in mean_ids if 0 <= int(i) < old})
+  for path, axis in (("embed", 0), ("lm_head", 1)):
+    if path not in flat:
+      continue
+    w = flat[path]
+    mean = w.astype(np.float32).mean(axis=axis, keepdims=True).astype(w.dtype)
+    extra = np.repeat(mean, new - old, axis=axis)
+    w = np.concatenate([w, extra], axis=axis)
+    if ids:
+      index = (ids, slice(None)) if axis == 0 else (slice(None), ids)
+      w[index] = mean
+    out[path] = w
+  return out
