@@ -20,6 +20,7 @@ Set XLA_FLAGS (device count) and JAX_PLATFORMS=cpu in the environment before sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -356,10 +357,11 @@ def main_reference(args, config_argv) -> None:
   shards = args.shards
 
   def sharded(make):
-    def wrapper(source, tok, *, batch_size, shard_index=0, shard_count=1, **kw):
-      assert shard_count == 1, "the reference runs in one process"
-      return ConcatShards([make(source, tok, batch_size=batch_size // shards, shard_index=i,
-                                shard_count=shards, **kw) for i in range(shards)])
+    def wrapper(source, tok, batching, **kw):
+      assert batching.shard_count == 1, "the reference runs in one process"
+      return ConcatShards([make(source, tok, dataclasses.replace(
+          batching, batch_size=batching.batch_size // shards, shard_index=i, shard_count=shards),
+          **kw) for i in range(shards)])
     return wrapper
 
   for name in ("lm_pipeline", "sft_pipeline"):

@@ -16,12 +16,12 @@ from alignax.data.config import DataConfig
 from alignax.data.iterators import DataIterator
 from alignax.data.tokenizer import Tokenizer
 
-# format -> (record kind in the sources, pipeline, its `data.*` knobs)
-FORMATS: dict[str, tuple[str, Callable[..., DataIterator], Callable[[DataConfig], dict]]] = {
-    "lm": ("pretrain", pipeline.lm_pipeline, lambda d: dict(long_docs=d.long_docs)),
-    "sft": ("sft", pipeline.sft_pipeline, lambda d: dict(packed=d.packing, too_long=d.too_long)),
-    "preference": ("preference", pipeline.preference_pipeline, lambda d: {}),
-    "unpaired": ("preference", pipeline.unpaired_pipeline, lambda d: {}),
+# format -> (record kind in the sources, the pipeline's name in `pipeline`, its `data.*` knobs)
+FORMATS: dict[str, tuple[str, str, Callable[[DataConfig], dict]]] = {
+    "lm": ("pretrain", "lm_pipeline", lambda d: dict(long_docs=d.long_docs)),
+    "sft": ("sft", "sft_pipeline", lambda d: dict(packed=d.packing, too_long=d.too_long)),
+    "preference": ("preference", "preference_pipeline", lambda d: {}),
+    "unpaired": ("preference", "unpaired_pipeline", lambda d: {}),
 }
 
 
@@ -61,7 +61,8 @@ def get_datasets(fmt: str, data: DataConfig, tok: Tokenizer, batching: BatchOpti
   """
   if fmt not in FORMATS:
     raise ValueError(f"unknown data format {fmt!r}; expected one of {sorted(FORMATS)}")
-  kind, make, knobs = FORMATS[fmt]
+  kind, name, knobs = FORMATS[fmt]
+  make: Callable[..., DataIterator] = getattr(pipeline, name)
   if splits is None:
     splits = sources.split_sources(data, kind, world)
   args = dict(seq_len=data.seq_len, **knobs(data))
