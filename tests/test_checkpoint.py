@@ -23,6 +23,7 @@ from alignax.models import build_lm, llama_style
 from alignax.train.state import TrainState
 from cli_helpers import SMALL_PRETRAIN, comparable, last_step, metric_rows, run_cli, start_cli
 from cli_helpers import wait_for as _wait_for
+from checkpoint_helpers import ckpt_args
 
 
 
@@ -147,13 +148,13 @@ def test_restore_onto_another_mesh_gives_equal_params(tmp_path):
   saved_on = _placement(fsdp=8)
   state = saved_on.put_state(state)
   assert "fsdp" in str(state.params["blocks"]["mlp"]["w_in"][...].sharding.spec)
-  ck = ckpt_lib.Checkpointer(str(tmp_path), _config(tmp_path).checkpoint, _config(tmp_path),
+  ck = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(_config(tmp_path)),
                              state_sharding=saved_on.state_sharding)
   ck.maybe_save(3, state)
   ck.close()
 
   restored_on = _placement(data=2, fsdp=4)
-  ck2 = ckpt_lib.Checkpointer(str(tmp_path), _config(tmp_path).checkpoint, _config(tmp_path),
+  ck2 = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(_config(tmp_path)),
                               state_sharding=restored_on.state_sharding)
   _, fresh = _small_state(seed=1)  # different values: restore must overwrite them all
   restored = ck2.restore(restored_on.put_state(fresh))
@@ -177,14 +178,14 @@ def _truncate_arrays(step_dir):
 def test_damaged_latest_checkpoint_falls_back_to_previous_step(tmp_path, caplog):
   _, state = _small_state()
   cfg = _config(tmp_path)
-  ck = ckpt_lib.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(cfg))
   ck.maybe_save(1, state)
   later = state.replace(step=state.step + 1, params=jax.tree.map(lambda x: x + 1, state.params))
   ck.maybe_save(2, later)
   ck.close()
   _truncate_arrays(os.path.join(tmp_path, "checkpoints", "2"))
 
-  ck = ckpt_lib.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(cfg))
   with caplog.at_level(logging.ERROR):
     restored = ck.restore(state)
   assert "checkpoint step 2" in caplog.text and "cannot be restored" in caplog.text
@@ -193,7 +194,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous_step(tmp_path, caplog)
   ck.close()
 
   _truncate_arrays(os.path.join(tmp_path, "checkpoints", "1"))
-  ck = ckpt_lib.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(cfg))
   with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint could be restored"):
     ck.restore(state)
   ck.close()
@@ -201,12 +202,12 @@ def test_damaged_latest_checkpoint_falls_back_to_previous_step(tmp_path, caplog)
 
 def test_changed_model_shapes_are_rejected_with_the_key(tmp_path):
   _, state = _small_state()
-  ck = ckpt_lib.Checkpointer(str(tmp_path), _config(tmp_path).checkpoint, _config(tmp_path))
+  ck = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(_config(tmp_path)))
   ck.maybe_save(1, state)
   ck.close()
   _, other = _small_state(d_model=32)
   cfg = _config(tmp_path, d_model=32)
-  ck = ckpt_lib.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(cfg))
   with pytest.raises(ckpt_lib.CheckpointError, match=r"model\.d_model: checkpoint has 64, config has 32"):
     ck.restore(other)
   ck.close()
@@ -214,10 +215,10 @@ def test_changed_model_shapes_are_rejected_with_the_key(tmp_path):
 
 def test_resume_false_starts_fresh(tmp_path):
   _, state = _small_state()
-  ck = ckpt_lib.Checkpointer(str(tmp_path), _config(tmp_path).checkpoint, _config(tmp_path))
+  ck = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(_config(tmp_path)))
   ck.maybe_save(4, state)
   ck.close()
-  ck = ckpt_lib.Checkpointer(str(tmp_path), _config(tmp_path).checkpoint, _config(tmp_path), resume=False)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(_config(tmp_path)), resume=False)
   assert ck.restore(state) is None and ck.steps() == []
   ck.close()
 

@@ -16,6 +16,7 @@ import pytest
 from alignax import checkpoint as ckpt_lib
 from alignax.config import base_config, load_config_file
 from alignax.train.state import TrainState
+from checkpoint_helpers import ckpt_args, check_resume
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,7 @@ def _cfg(workdir):
 
 def _save(workdir, cfg, *states):
   """Saves `states` as steps 1, 2, ...; returns the checkpoints directory."""
-  ck = ckpt_lib.Checkpointer(str(workdir), cfg.checkpoint, cfg)
+  ck = ckpt_lib.Checkpointer(str(workdir), *ckpt_args(cfg))
   for i, state in enumerate(states, start=1):
     ck.maybe_save(i, state.replace(step=jnp.int32(i)))
   ck.close()
@@ -44,7 +45,7 @@ def _save(workdir, cfg, *states):
 
 
 def _restore(workdir, cfg, like):
-  ck = ckpt_lib.Checkpointer(str(workdir), cfg.checkpoint, cfg)
+  ck = ckpt_lib.Checkpointer(str(workdir), *ckpt_args(cfg))
   try:
     return ck.restore(like)
   finally:
@@ -144,7 +145,7 @@ def test_a_changed_json_item_is_damaged(tmp_path, capsys, caplog):
   assert "checkpoint step 2" in err and "the config item does not match its checksum" in err
   assert "checkpoint step 2" in caplog.text
   # check_resume reads the newest readable config: step 1's, which matches.
-  ckpt_lib.check_resume(str(tmp_path), cfg)
+  check_resume(str(tmp_path), cfg)
 
 
 def test_truncated_json_and_damaged_checksums_fall_back(tmp_path, capsys):
@@ -246,7 +247,7 @@ def test_check_resume_refuses_changes_that_change_the_numbers(tmp_path):
   changed = _set(_dpo_cfg(tmp_path), data__seq_len=64, seed=3, train__batch_size=8,
                  tokenizer="world_bpe:256", world__seed=5, dpo__beta=0.3)
   with pytest.raises(ckpt_lib.CheckpointError) as e:
-    ckpt_lib.check_resume(str(tmp_path), changed)
+    check_resume(str(tmp_path), changed)
   msg = str(e.value)
   for line in ("data.seq_len: checkpoint has 96, config has 64", "seed: checkpoint has 0, config has 3",
                "train.batch_size: checkpoint has 16, config has 8",
@@ -262,15 +263,15 @@ def test_check_resume_allows_harmless_changes_and_resume_changed_allow(tmp_path,
   _save(tmp_path, _dpo_cfg(tmp_path), _state())
   harmless = _set(_dpo_cfg(tmp_path), train__steps=300, train__log_every=1, eval__every=0,
                   checkpoint__keep=5, model__remat="none", eval__num_prompts=8)
-  ckpt_lib.check_resume(str(tmp_path), harmless)
+  check_resume(str(tmp_path), harmless)
   assert "train.steps changed from 150 to 300" in capsys.readouterr().err  # the schedule stretches
 
   allowed = _set(_dpo_cfg(tmp_path), data__seq_len=64, train__resume_changed="allow")
   with caplog.at_level(logging.WARNING):
-    ckpt_lib.check_resume(str(tmp_path), allowed)
+    check_resume(str(tmp_path), allowed)
   assert "data.seq_len: checkpoint has 96, config has 64" in capsys.readouterr().err
   assert "data.seq_len" in caplog.text and "resume_changed=allow" in caplog.text
 
   fresh = _set(_dpo_cfg(tmp_path), data__seq_len=64, train__resume=False)
-  ckpt_lib.check_resume(str(tmp_path), fresh)  # starting fresh: nothing to compare
-  ckpt_lib.check_resume(str(tmp_path / "elsewhere"), _set(_dpo_cfg(tmp_path), seed=9))  # no checkpoints
+  check_resume(str(tmp_path), fresh)  # starting fresh: nothing to compare
+  check_resume(str(tmp_path / "elsewhere"), _set(_dpo_cfg(tmp_path), seed=9))  # no checkpoints

@@ -24,6 +24,7 @@ from alignax.models.config import ModelConfig
 from alignax.commands.eval import main as eval_main
 from alignax.train.runner import stage_tokenizer
 from alignax.train.state import TrainState
+from checkpoint_helpers import ckpt_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The capital of", "Once"]
@@ -52,7 +53,7 @@ def checkpointed(tmp_path_factory):
       "model.n_heads": 2, "model.d_ff": 64, "model.max_seq_len": 128})
   save_config(cfg, workdir)
   model = ModelConfig.from_mapping(cfg.model.to_dict())
-  checkpointer = ckpt_lib.Checkpointer(workdir, cfg.checkpoint, cfg)
+  checkpointer = ckpt_lib.Checkpointer(workdir, *ckpt_args(cfg))
   for step in (1, 2):
     _, params = build_lm(model, seed=step)
     checkpointer.maybe_save(step, TrainState.create(params, optax.adam(1e-3), jax.random.key(0)))

@@ -24,6 +24,7 @@ from alignax.train.config import TrainConfig
 from alignax.train.state import TrainState
 from alignax.train.step import make_train_step
 from cli_helpers import REPO, SMALL_PRETRAIN, run_cli
+from checkpoint_helpers import ckpt_args
 
 
 # ----------------------------------------------------------------------------- validation
@@ -159,7 +160,7 @@ def test_a_rerun_of_a_finished_run_writes_no_second_final_row(tmp_path):
     writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False)
     run = _toy_run(10, poison=[])
     run.evaluate = lambda state: {"w0": float(state.params["w"][0])}
-    checkpointer = ckpt_lib.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(cfg))
     loop_lib.run_loop(run, _loop_cfg(), checkpoint_every=5, placement=_toy_placement(), writer=writer,
                       checkpointer=checkpointer)
     checkpointer.close()

@@ -21,6 +21,7 @@ from alignax.config import base_config
 from alignax.train.state import TrainState
 from alignax.train.step import make_train_step
 from multihost_worker import B, LAYOUTS, problem, train_losses
+from checkpoint_helpers import ckpt_args
 
 ONE_DEVICE = ("jit", dict(data=1, fsdp=1, tensor=1))
 
@@ -338,13 +339,13 @@ def test_checkpoints_move_between_pmap_and_jit(tmp_path, first, second, referenc
   for batch in batches[:3]:
     state, m = step(state, placement.put_batch(batch))
     losses.append(float(m["loss"]))
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), cfg.checkpoint, cfg, state_sharding=placement.state_sharding)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(cfg), state_sharding=placement.state_sharding)
   ckpt.maybe_save(3, state, force=True)
   ckpt.close()
 
   placement = parallel.make_placement(layouts[second], model, B)
   fresh = placement.put_state(TrainState.create(problem()[1], optimizer, jax.random.key(1)))
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), cfg.checkpoint, cfg, state_sharding=placement.state_sharding)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), *ckpt_args(cfg), state_sharding=placement.state_sharding)
   state = ckpt.restore(fresh)
   ckpt.close()
   assert int(state.step) == 3

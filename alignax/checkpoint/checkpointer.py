@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from alignax.errors import CheckpointError
+from alignax.checkpoint.config import CheckpointConfig
 from alignax.checkpoint.integrity import (CHECKSUM_ITEM, ITEM_NAMES, JSON_ITEMS, DamagedStep,
                                           check_json_items, check_state, console, json_value,
                                           step_checksums)
@@ -88,15 +89,19 @@ class Checkpointer:
 
   Args:
     workdir: the run directory.
-    ckpt_cfg: `checkpoint.*` (keep, async_save).
-    config: the resolved config (saved with each step; compared on restore).
+    ckpt_cfg: the `CheckpointConfig` (keep, async_save).
+    config: the resolved config as a plain dict (`cfg.to_dict()`): saved with each step; its
+      `model` shape keys are compared on restore.
     state_sharding: `state -> shardings` for restoring onto the current mesh (None: as saved).
     resume: restore when a checkpoint exists (`train.resume`).
   """
 
-  def __init__(self, workdir: str, ckpt_cfg, config, *, state_sharding: Callable | None = None,
+  def __init__(self, workdir: str, ckpt_cfg: CheckpointConfig, config: dict, *, state_sharding: Callable | None = None,
                resume: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not isinstance(config, dict):
+      raise TypeError(f"Checkpointer: config must be a plain dict (cfg.to_dict()), got "
+                      f"{type(config).__name__}")
     self.config = config
     self.state_sharding = state_sharding
     self.resume = resume
@@ -105,7 +110,7 @@ class Checkpointer:
       shutil.rmtree(self.directory)
     self._t0 = time.time()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=int(ckpt_cfg.keep), enable_async_checkpointing=bool(ckpt_cfg.async_save),
+        max_to_keep=ckpt_cfg.keep, enable_async_checkpointing=ckpt_cfg.async_save,
         create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEM_NAMES)
     self.last_saved: int | None = None
@@ -119,7 +124,7 @@ class Checkpointer:
 
   def _check_compatible(self, step: int, saved: dict) -> None:
     saved_model = {k: saved.get("model", {}).get(k) for k in SHAPE_KEYS}
-    current_model = {k: self.config.model.get(k) for k in SHAPE_KEYS}
+    current_model = {k: self.config.get("model", {}).get(k) for k in SHAPE_KEYS}
     diffs = model_differences(saved_model, current_model)
     if diffs:
       raise CheckpointError(
@@ -220,7 +225,7 @@ class Checkpointer:
                                     hasattr(batches, "get_state") else {})
     meta = {"step": int(step), "wall_time": time.time(), "elapsed_seconds": time.time() - self._t0,
             "versions": library_versions()}
-    json_items = {"data": json_value(data_state), "config": json_value(self.config.to_dict()),
+    json_items = {"data": json_value(data_state), "config": json_value(self.config),
                   "meta": json_value(meta)}
     sums = step_checksums(state, json_items)
     self.manager.save(step, args=ocp.args.Composite(

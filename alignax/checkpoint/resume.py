@@ -104,27 +104,32 @@ def _note_schedule_change(saved: dict, current: dict, step: int) -> None:
             "the original run's")
 
 
-def check_resume(workdir: str, cfg) -> None:
+def check_resume(workdir: str, current: dict, train) -> None:
   """Refuses to resume `WORKDIR/checkpoints` with a config that changes the data order, the model
   or the numbers (CheckpointError listing every such key with its old and new value).
+
+  Args:
+    workdir: the run directory.
+    current: the resolved config as a plain dict (`cfg.to_dict()`), compared key by key with the
+      one the newest readable checkpoint saved.
+    train: the `TrainConfig` (`resume`, `resume_changed`).
 
   Does nothing when `train.resume` is False or no step exists. With
   `train.resume_changed="allow"` the changes are accepted and listed as a warning instead. Call
   it before writing `WORKDIR/config.json`, so a refused resume leaves that file as it was.
   """
-  if not bool(cfg.train.resume):
+  if not train.resume:
     return
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   found = latest_saved_config(directory)
   if found is None:
     return
   step, saved = found
-  current = cfg.to_dict()
   _note_schedule_change(saved, current, step)
   diffs = resume_differences(saved, current)
   if not diffs:
     return
-  if cfg.train.get("resume_changed", "refuse") == "allow":
+  if train.resume_changed == "allow":
     msg = (f"resuming checkpoint step {step} in {directory} with changed keys "
            f"(train.resume_changed=allow): " + "; ".join(diffs))
     logging.warning(msg)

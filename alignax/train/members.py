@@ -389,7 +389,7 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
     stop = held.enter_context(ckpt_lib.StopSignal())
     for d in [group_dir] + [m.cfg.workdir for m in members]:
       held.enter_context(WorkdirLock(d, enabled=is_main))
-    ckpt_lib.check_resume(group_dir, group_cfg)
+    ckpt_lib.check_resume(group_dir, group_cfg.to_dict(), first.train)
     if is_main:
       _check_members_file(group_dir, names, first.train.resume)
       log_to_file(group_dir)
@@ -426,9 +426,9 @@ def run_members(members: Sequence[Member], group_dir: str, build_run: Callable[[
                     batches=MemberBatches([r.batches for r in runs]), evaluate=_member_evaluate(runs),
                     tokens_per_batch=_member_tokens(runs), total_steps=runs[0].total_steps,
                     after_step=runs[0].after_step)
-    checkpointer = ckpt_lib.Checkpointer(group_dir, template.checkpoint, group_cfg,
+    checkpointer = ckpt_lib.Checkpointer(group_dir, first.checkpoint, group_cfg.to_dict(),
                                          state_sharding=placement.state_sharding,
-                                         resume=bool(template.train.resume))
+                                         resume=first.train.resume)
     try:
       state = run_loop(group_run, first.train, placement=placement, eval_every=first.eval.every,
                        checkpoint_every=first.checkpoint.every, checkpointer=checkpointer,

@@ -90,7 +90,7 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
     workdir = config.workdir
     with WorkdirLock(workdir, enabled=is_main):
       # A refused resume leaves the saved config.json as it was.
-      ckpt_lib.check_resume(workdir, cfg)
+      ckpt_lib.check_resume(workdir, cfg.to_dict(), config.train)
       if is_main:
         save_config(cfg, workdir)
         log_to_file(workdir)
@@ -100,9 +100,9 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
       ctx = StageContext(cfg=cfg, config=config, model=model, placement=placement, tokenizer=tokenizer, writer=writer,
                          is_main=is_main)
       run = build_run(ctx)
-      checkpointer = ckpt_lib.Checkpointer(workdir, cfg.checkpoint, cfg,
+      checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint, cfg.to_dict(),
                                            state_sharding=placement.state_sharding,
-                                           resume=bool(cfg.train.resume))
+                                           resume=config.train.resume)
       try:
         state = run_loop(run, config.train, placement=placement, eval_every=config.eval.every,
                          checkpoint_every=config.checkpoint.every, checkpointer=checkpointer,
