@@ -116,18 +116,18 @@ def member_losses(mesh: dict, rows: slice | None = None, members: int = 4):
   import numpy as np
 
   from alignax import parallel
-  from alignax.train import members as members_lib
+  from alignax.train import member_placement
   from alignax.train.state import TrainState
   from alignax.train.step import make_train_step
 
   model, params, optimizer, loss_fn, batches = problem()
   cfg = ml_collections.ConfigDict(dict(mode="jit", mesh=mesh))
-  placement = members_lib.MemberPlacement(parallel.make_placement(cfg, model, B, with_members=True), members)
+  placement = member_placement.MemberPlacement(parallel.make_placement(cfg, model, B, with_members=True), members)
   states = []
   for i in range(members):
     s = TrainState.create(params, optimizer, jax.random.key(i))
     states.append(s.replace(hparams=dict(s.hparams, lr_scale=jnp.float32((1 + i) / 2))))
-  state = placement.put_state(jax.device_get(members_lib.stack(states)))
+  state = placement.put_state(jax.device_get(member_placement.stack(states)))
   step = placement.jit_step(make_train_step(loss_fn, optimizer), state)
   out = [[] for _ in range(members)]
   for batch in batches:

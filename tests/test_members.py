@@ -14,6 +14,7 @@ from alignax import parallel
 from alignax.config import ConfigDict, ConfigError, load_config_file
 from alignax.commands.sweep import parse_grid, plan_groups, run_sweep
 from alignax.train import members as members_lib
+from alignax.train import member_placement
 from alignax.train.state import TrainState
 from alignax.train.step import make_train_step
 from cli_helpers import REPO, metric_rows, run_cli
@@ -99,14 +100,14 @@ def test_the_member_step_is_each_runs_own_step(batching, members_axis):
   mesh_cfg = ConfigDict(dict(members=members_axis, data=-1, fsdp=1, tensor=1))
   inner = parallel.make_placement(ConfigDict(dict(mode="jit", mesh=mesh_cfg)), with_members=True)
   assert dict(inner.mesh.shape) == {"members": members_axis, "data": 8 // members_axis, "fsdp": 1, "tensor": 1}
-  placement = members_lib.MemberPlacement(inner, 4, batching)
+  placement = member_placement.MemberPlacement(inner, 4, batching)
   step, states, batches = _toy_problem(4)
-  stacked = placement.put_state(members_lib.stack(states))
+  stacked = placement.put_state(member_placement.stack(states))
   assert stacked.params["w"].sharding.spec[0] == ("members" if members_axis > 1 else None)
   assert stacked.step.sharding.spec == jax.sharding.PartitionSpec(None)  # scalars stay replicated
   vstep = placement.jit_step(step, stacked)
   alone = jax.jit(step)
-  host = jax.tree.map(np.asarray, members_lib.stack(batches))
+  host = jax.tree.map(np.asarray, member_placement.stack(batches))
   for _ in range(3):
     stacked, metrics = vstep(stacked, placement.put_batch(host))
     outs = [alone(s, b) for s, b in zip(states, batches)]
@@ -121,18 +122,18 @@ def test_the_member_step_is_each_runs_own_step(batching, members_axis):
 
 
 def test_a_group_that_would_not_fit_names_the_member_count_that_would(monkeypatch):
-  placement = members_lib.MemberPlacement(
+  placement = member_placement.MemberPlacement(
       parallel.make_placement(ConfigDict(dict(mode="jit", mesh=ConfigDict(dict(members=1, data=1, fsdp=1,
                                                                                 tensor=1)))),
                               with_members=True), 4)
   _, states, _ = _toy_problem(1)
-  state_bytes, params_bytes = members_lib.tree_bytes(states[0]), members_lib.tree_bytes(states[0].params)
+  state_bytes, params_bytes = member_placement.tree_bytes(states[0]), member_placement.tree_bytes(states[0].params)
   per_member = state_bytes + params_bytes
-  monkeypatch.setattr(members_lib, "available_bytes", lambda p: (int(per_member * 2.5), "test memory"))
+  monkeypatch.setattr(member_placement, "available_bytes", lambda p: (int(per_member * 2.5), "test memory"))
   with pytest.raises(ConfigError, match="at most 2 members fit"):
-    members_lib.check_memory(placement, state_bytes, params_bytes)
-  monkeypatch.setattr(members_lib, "available_bytes", lambda p: (int(per_member * 40), "test memory"))
-  assert "holds about 40" in members_lib.check_memory(placement, state_bytes, params_bytes)
+    member_placement.check_memory(placement, state_bytes, params_bytes)
+  monkeypatch.setattr(member_placement, "available_bytes", lambda p: (int(per_member * 40), "test memory"))
+  assert "holds about 40" in member_placement.check_memory(placement, state_bytes, params_bytes)
 
 
 def test_members_that_differ_in_a_structural_key_are_refused():
@@ -293,7 +294,7 @@ def test_ensemble_scores_are_the_combination_of_the_members_scores(tiny_llama, m
   from alignax.models.heads import RewardEnsemble, build_scalar_model
   members = [build_scalar_model(tiny_llama, seed) for seed in range(3)]
   ensemble = RewardEnsemble(members[0][0], 3, mode, coef=0.7)
-  stacked = members_lib.stack([p for _, p in members])
+  stacked = member_placement.stack([p for _, p in members])
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(rng.integers(1, 300, (4, 6)), jnp.int32)
   pmask = jnp.asarray(np.array([[0, 0, 1, 1, 1, 1]] * 4), jnp.int32)
@@ -350,10 +351,10 @@ def test_group_rl_members_are_their_own_iterations(kind):
   model, state, step, batch = rl_problem(kind)
   members = [state.replace(rng=jax.random.key(i), extra=state.extra.replace(kl_coef=jnp.float32(c)))
              for i, c in enumerate((0.05, 0.3))]
-  placement = members_lib.MemberPlacement(parallel.make_placement(
+  placement = member_placement.MemberPlacement(parallel.make_placement(
       ConfigDict(dict(mode="jit", mesh=ConfigDict(dict(members=2, data=1, fsdp=1, tensor=1)))), model,
       with_members=True), 2)
-  stacked = placement.put_state(members_lib.stack(members))
+  stacked = placement.put_state(member_placement.stack(members))
   vstep, alone = placement.jit_step(step, stacked), jax.jit(step)
   host = jax.tree.map(lambda x: np.stack([x, x]), batch)
   for _ in range(2):
