@@ -88,3 +88,30 @@ def test_files_builder_roundtrip(tmp_path):
   bad.write_text('{"prompt": "q"}\n')
   with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'response'"):
     tfds_builders.files_sources(str(tmp_path / "tfds"), "sft", {"train": str(bad)})
+
+
+_CONCURRENT_BUILD = """
+import os, sys, time
+from alignax.data import tfds_builders
+data_dir, counter = sys.argv[1], sys.argv[2]
+def splits(seed):
+  with open(counter, "a") as f:
+    f.write(f"{os.getpid()}\\n")
+  time.sleep(1.0)  # keep the build open while the others arrive
+  return {"sft_train": [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(7)]}
+src = tfds_builders.world_sources(data_dir, 5, splits)
+print(len(src["sft_train"]))
+"""
+
+
+def test_processes_building_one_dataset_at_once_build_it_once(tmp_path):
+  """Runs started together (a sweep's processes) wait for one build instead of racing it."""
+  import subprocess
+  counter = tmp_path / "builds.txt"
+  procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_BUILD, str(tmp_path / "data"), str(counter)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == "7"
+  assert len(counter.read_text().splitlines()) == 1

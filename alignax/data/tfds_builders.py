@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -79,6 +80,21 @@ def _own_scratch() -> Iterator[None]:
       yield
     finally:
       tempfile.tempdir = previous
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, name: str) -> Iterator[None]:
+  """Holds an exclusive lock on `data_dir/.locks/<name>.lock` while one dataset is prepared, so
+  that runs started together (a sweep's processes, parallel test workers) build it once: the
+  others wait, then find it built. `flock` is released by the kernel if the holder dies."""
+  folder = os.path.join(data_dir, ".locks")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, re.sub(r"[^\w.-]", "_", name) + ".lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -197,8 +213,9 @@ def build_world_dataset(data_dir: str, seed: int, splits_fn: SplitsFn | None = N
 
   The data lands in `data_dir/alignax_world/seed_<seed>[_<tag>]/1.0.0/`.
   """
-  with _quiet(quiet), _own_scratch():
-    builder = AlignaxWorld(config=world_config(seed, tag), data_dir=data_dir,
+  config = world_config(seed, tag)
+  with _build_lock(data_dir, f"world_{config.name}"), _quiet(quiet), _own_scratch():
+    builder = AlignaxWorld(config=config, data_dir=data_dir,
                            file_format="array_record", splits_fn=splits_fn)
     builder.download_and_prepare(download_config=_download_config())
   return builder
@@ -295,7 +312,7 @@ def build_files_dataset(data_dir: str, schema: str, files: Mapping[str, str | Se
   """
   config = local_files_config(schema, files, text_mode=text_mode, bad_records=bad_records,
                               name=name)
-  with _quiet(quiet), _own_scratch():
+  with _build_lock(data_dir, f"local_files_{config.name}"), _quiet(quiet), _own_scratch():
     builder = AlignaxLocalFiles(config=config, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(download_config=_download_config())
   return builder
