@@ -29,3 +29,12 @@ def tiny_llama():
 def tiny_gpt2():
   from alignax.models import gpt2_style
   return gpt2_style(vocab_size=300, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def transformers():
+  """The `transformers` module (torch, safetensors and tokenizers with it), or a skip."""
+  from hf_helpers import require_module
+  for name in ("torch", "safetensors", "tokenizers"):
+    require_module(name)
+  return require_module("transformers")

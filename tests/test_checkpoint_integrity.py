@@ -221,6 +221,11 @@ def test_resume_differences_compare_json_values_and_ignore_free_keys():
       "seed: checkpoint has <absent>, config has 1",
       "train.batch_size: checkpoint has 8, config has 16"]
   assert ckpt_lib.resume_differences({"x": True}, {"x": 1}) == ["x: checkpoint has True, config has 1"]
+  # A model field newer than the checkpoint compares with its default (what was built then).
+  newer = {**same, "model": {"remat": "none", "qk_norm": False, "rope_scaling": "none"}}
+  assert ckpt_lib.resume_differences(saved, newer) == []
+  assert ckpt_lib.resume_differences(saved, {**same, "model": {"qk_norm": True}}) == [
+      "model.qk_norm: checkpoint has False, config has True"]
 
 
 def _dpo_cfg(workdir):

@@ -3,6 +3,7 @@ meta, checksums), saving asynchronously and restoring the newest step that verif
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from alignax.errors import CheckpointError
+from alignax.models.config import ModelConfig
 from alignax.checkpoint.config import CheckpointConfig
 from alignax.checkpoint.integrity import (CHECKSUM_ITEM, ITEM_NAMES, JSON_ITEMS, DamagedStep,
                                           check_json_items, check_state, console, json_value,
@@ -51,6 +53,7 @@ def model_differences(saved: dict, current: dict) -> list[str]:
 
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
               "max_seq_len", "norm", "position", "mlp", "tie_embeddings", "use_bias", "qkv_bias",
+              "attention_bias", "mlp_bias", "qk_norm",
               "param_dtype")
 
 
@@ -123,8 +126,10 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def _check_compatible(self, step: int, saved: dict) -> None:
-    saved_model = {k: saved.get("model", {}).get(k) for k in SHAPE_KEYS}
-    current_model = {k: self.config.get("model", {}).get(k) for k in SHAPE_KEYS}
+    # A key newer than the checkpoint takes its default (what the older alignax built).
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    saved_model = {k: saved.get("model", {}).get(k, defaults.get(k)) for k in SHAPE_KEYS}
+    current_model = {k: self.config.get("model", {}).get(k, defaults.get(k)) for k in SHAPE_KEYS}
     diffs = model_differences(saved_model, current_model)
     if diffs:
       raise CheckpointError(

@@ -3,12 +3,14 @@ with (`check_resume`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 from absl import logging
 
 from alignax.errors import CheckpointError
+from alignax.models.config import ModelConfig
 from alignax.checkpoint.integrity import (DamagedStep, console, json_value, read_verified_json,
                                           saved_steps)
 
@@ -32,6 +34,8 @@ RESUME_FREE_KEYS = (
 )
 RESUME_CHANGED = ("refuse", "allow")  # the values of train.resume_changed
 _ABSENT = object()
+# What an alignax older than a model field built: the field's default.
+_MODEL_DEFAULTS = {f"model.{f.name}": json_value(f.default) for f in dataclasses.fields(ModelConfig)}
 
 
 def resume_free(key: str) -> bool:
@@ -71,12 +75,15 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
   """One line per compared key whose value differs: "key: checkpoint has X, config has Y".
 
   Both configs are compared as they read back from JSON (tuples as lists); keys in
-  RESUME_FREE_KEYS are ignored, a key only one side has counts as a difference.
+  RESUME_FREE_KEYS are ignored, a key only one side has counts as a difference (except a model
+  field the checkpoint predates, which is compared with its default).
   """
   old, new = _flatten(json_value(saved)), _flatten(json_value(current))
   out = []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+    if a is _ABSENT and key in _MODEL_DEFAULTS:  # a model field newer than the checkpoint
+      a = _MODEL_DEFAULTS[key]
     if resume_free(key) or (a is not _ABSENT and b is not _ABSENT and _same(a, b)):
       continue
     out.append(f"{key}: checkpoint has {_show(a)}, config has {_show(b)}")

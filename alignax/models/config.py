@@ -17,6 +17,7 @@ POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
 REMATS = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +37,22 @@ class ModelConfig:
     norm_eps: epsilon inside the norm.
     position: "learned" absolute positions or "rope".
     rope_theta: RoPE base frequency.
+    rope_scaling: "none", "linear", "dynamic", "llama3" or "yarn" (see `alignax.models.rope`).
+    rope_factor: the scaling factor of the scaled variants.
+    rope_original_max_len: the context length the frequencies were trained for
+      (original_max_position_embeddings; for "dynamic", the length beyond which the base grows).
+    rope_low_freq_factor, rope_high_freq_factor: "llama3"'s wavelength band.
+    rope_beta_fast, rope_beta_slow, rope_truncate: "yarn"'s correction range.
+    rope_attention_factor: "yarn"'s cos/sin scale; 0 means 0.1 ln(rope_factor) + 1.
     mlp: "gelu" (tanh approximation, GPT-2) or "swiglu".
     tie_embeddings: reuse the embedding table as the output projection.
     use_bias: biases on every projection (GPT-2).
     qkv_bias: biases on the q/k/v projections only (Qwen2); implied by use_bias.
+    attention_bias: biases on q/k/v and the output projection (Llama `attention_bias`).
+    mlp_bias: biases on the MLP's projections (Llama `mlp_bias`).
+    qk_norm: RMSNorm over each head's queries and keys before RoPE (Qwen3).
+    sliding_window: each token attends to itself and the `sliding_window - 1` tokens before it
+      (Mistral); 0 = full causal attention.
     dtype: compute dtype of activations and matmuls.
     param_dtype: storage dtype of parameters.
     remat: what the backward pass recomputes. "dots" (default): matmul outputs are saved, the
@@ -64,10 +77,23 @@ class ModelConfig:
   norm_eps: float = 1e-5
   position: str = "rope"
   rope_theta: float = 10000.0
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_truncate: bool = True
+  rope_attention_factor: float = 0.0
   mlp: str = "swiglu"
   tie_embeddings: bool = False
   use_bias: bool = False
   qkv_bias: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int = 0
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "dots"
@@ -84,6 +110,18 @@ class ModelConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def qkv_biased(self) -> bool:
+    return self.use_bias or self.qkv_bias or self.attention_bias
+
+  @property
+  def out_biased(self) -> bool:
+    return self.use_bias or self.attention_bias
+
+  @property
+  def mlp_biased(self) -> bool:
+    return self.use_bias or self.mlp_bias
 
   @property
   def compute_dtype(self):
@@ -113,18 +151,32 @@ class ModelConfig:
           f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
     check(self.position != "rope" or self.dim_per_head % 2 == 0, "head_dim",
           f"RoPE needs an even head dimension, got {self.dim_per_head}")
+    check(self.rope_scaling in ROPE_SCALINGS, "rope_scaling",
+          f"must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+    if self.rope_scaling != "none":
+      check(self.position == "rope", "rope_scaling", "needs position='rope'")
+      check(self.rope_factor > 0, "rope_factor", f"must be > 0, got {self.rope_factor}")
+    if self.rope_scaling in ("dynamic", "llama3", "yarn"):
+      check(self.rope_original_max_len > 0, "rope_original_max_len",
+            f"rope_scaling={self.rope_scaling!r} needs the original context length (> 0)")
+    if self.rope_scaling == "llama3":
+      check(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "rope_high_freq_factor",
+            "must be > rope_low_freq_factor > 0")
+    check(self.sliding_window >= 0, "sliding_window", f"must be >= 0, got {self.sliding_window}")
 
   def num_params(self, include_embeddings: bool = True) -> int:
     """Exact parameter count of the model this config builds."""
     d, h, k, dh, f, v = (self.d_model, self.n_heads, self.kv_heads, self.dim_per_head, self.d_ff,
                          self.vocab_size)
     attn = d * h * dh + 2 * d * k * dh + h * dh * d
-    if self.use_bias:
-      attn += h * dh + 2 * k * dh + d
-    elif self.qkv_bias:
+    if self.qkv_biased:
       attn += h * dh + 2 * k * dh
+    if self.out_biased:
+      attn += d
+    if self.qk_norm:
+      attn += 2 * dh
     mlp = (3 if self.mlp == "swiglu" else 2) * d * f
-    if self.use_bias:
+    if self.mlp_biased:
       mlp += (2 * f if self.mlp == "swiglu" else f) + d
     norm = d * (2 if self.norm == "layernorm" else 1)
     per_layer = attn + mlp + 2 * norm

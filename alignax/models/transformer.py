@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignax.models.config import ModelConfig
+from alignax.models.rope import rope, rotary_tables
 from alignax.sharding import constrain
 
 Array = jax.Array
@@ -58,23 +59,11 @@ class Norm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def rotary_tables(positions: Array, dim: int, theta: float) -> tuple[Array, Array]:
-  """RoPE (cos, sin), each [B, T, 1, D] float32, in the half-split layout (as in Hugging Face Llama).
-
-  Computed once per forward pass and shared by every layer (the angles depend only on positions).
-  """
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def rope(x: Array, rotary: tuple[Array, Array]) -> Array:
-  """Rotates [B, T, H, D] queries or keys by `rotary_tables` (x * cos + rotate_half(x) * sin)."""
-  cos, sin = rotary
+def head_rms_norm(x: Array, scale, eps: float) -> Array:
+  """RMSNorm of [B, T, H, Dh] over each head's Dh (Qwen3's q/k norm), computed in float32."""
   xf = x.astype(jnp.float32)
-  x1, x2 = jnp.split(xf, 2, axis=-1)
-  return (xf * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
+  y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + eps)
+  return (y * scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -107,12 +96,15 @@ class Attention(nnx.Module):
     # GPT-2 scales residual-branch outputs by 1/sqrt(2 * n_layers) so the stream's variance stays flat.
     self.wo = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), cfg,
                      std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
-    if cfg.use_bias or cfg.qkv_bias:
+    if cfg.qkv_biased:
       self.bq = _param(rngs, (h, dh), ("heads", "head_dim"), cfg, "zeros")
       self.bk = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, "zeros")
       self.bv = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, "zeros")
-    if cfg.use_bias:
+    if cfg.out_biased:
       self.bo = _param(rngs, (d,), ("embed",), cfg, "zeros")
+    if cfg.qk_norm:
+      self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, "ones")
+      self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, "ones")
 
   def __call__(self, x: Array, rotary, mask: Array, kv_cache=None, cache_end=None):
     """Attends over x (or over the cache with x's keys written into it).
@@ -139,10 +131,12 @@ class Attention(nnx.Module):
       if bias is not None:
         y = y + bias[...].astype(dt).reshape(-1)
       return y.reshape(b, t, heads, -1)
-    biased = cfg.use_bias or cfg.qkv_bias
+    biased = cfg.qkv_biased
     q = project(self.wq, self.bq if biased else None)
     k = project(self.wk, self.bk if biased else None)
     v = project(self.wv, self.bv if biased else None)
+    if cfg.qk_norm:
+      q, k = head_rms_norm(q, self.q_norm, cfg.norm_eps), head_rms_norm(k, self.k_norm, cfg.norm_eps)
     if rotary is not None:
       q, k = rope(q, rotary), rope(k, rotary)
     if kv_cache is None:
@@ -155,7 +149,7 @@ class Attention(nnx.Module):
       kv_cache = (k_all, v_all)
       out = cached_attention(q, k_all.astype(dt), v_all.astype(dt), mask)
     out = out.reshape(b * t, -1) @ self.wo[...].astype(dt).reshape(-1, d)
-    if cfg.use_bias:
+    if cfg.out_biased:
       out = out + self.bo[...].astype(dt)
     return out.reshape(b, t, d), kv_cache
 
@@ -170,23 +164,29 @@ class Mlp(nnx.Module):
     if cfg.mlp == "swiglu":
       self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.w_out = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
-    if cfg.use_bias:
+    if cfg.mlp_biased:
       self.b_in = _param(rngs, (f,), ("mlp",), cfg, "zeros")
       self.b_out = _param(rngs, (d,), ("embed",), cfg, "zeros")
+      if cfg.mlp == "swiglu":
+        self.b_gate = _param(rngs, (f,), ("mlp",), cfg, "zeros")
 
   def __call__(self, x: Array) -> Array:
     dt = x.dtype
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # 2-D matmuls (see Attention)
+    biased = self.cfg.mlp_biased
     h = x @ self.w_in[...].astype(dt)
-    if self.cfg.use_bias:
+    if biased:
       h = h + self.b_in[...].astype(dt)
     if self.cfg.mlp == "swiglu":
-      h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * h
+      gate = x @ self.w_gate[...].astype(dt)
+      if biased:
+        gate = gate + self.b_gate[...].astype(dt)
+      h = jax.nn.silu(gate) * h
     else:
       h = jax.nn.gelu(h, approximate=True)
     out = h @ self.w_out[...].astype(dt)
-    if self.cfg.use_bias:
+    if biased:
       out = out + self.b_out[...].astype(dt)
     return out.reshape(shape)
 
@@ -210,14 +210,20 @@ class Block(nnx.Module):
     return constrain(x, RESIDUAL_AXES), kv_cache
 
 
-def attention_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array) -> Array:
-  """[B, T, S] bool: causal in slot order and within one segment.
+def attention_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array,
+                   window: int = 0) -> Array:
+  """[B, T, S] bool: causal in slot order, within one segment, and (window > 0) at most
+  `window - 1` slots back.
 
   Args:
     q_segments: [B, T]; k_segments: [B, S]; q_slots: [T] or [B, T]; k_slots: [S].
+    window: a sliding window in tokens (0: none). Within a segment slots advance with
+      positions (padding has its own segment), so the window counts tokens of the sequence.
   """
   q_slots = jnp.broadcast_to(q_slots, q_segments.shape)
   causal = k_slots[None, None, :] <= q_slots[:, :, None]
+  if window:
+    causal = causal & (q_slots[:, :, None] - k_slots[None, None, :] < window)
   same = q_segments[:, :, None] == k_segments[:, None, :]
   return causal & same
 
@@ -259,14 +265,14 @@ class Transformer(nnx.Module):
     t = tokens.shape[1]
     if cache is None:
       slots = jnp.arange(t)
-      mask = attention_mask(segment_ids, segment_ids, slots, slots)
+      mask = attention_mask(segment_ids, segment_ids, slots, slots, cfg.sliding_window)
     else:
       end = cache["end"]
       k_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
-      mask = attention_mask(segment_ids, k_segments, end + jnp.arange(t), jnp.arange(k_segments.shape[1]))
+      mask = attention_mask(segment_ids, k_segments, end + jnp.arange(t), jnp.arange(k_segments.shape[1]),
+                            cfg.sliding_window)
 
-    rotary = (rotary_tables(positions, cfg.dim_per_head, cfg.rope_theta)
-              if cfg.position == "rope" else None)
+    rotary = rotary_tables(positions, cfg) if cfg.position == "rope" else None
     graphdef, stacked = nnx.split(self.blocks)
 
     def layer(x, layer_params, kv):

@@ -10,12 +10,16 @@ stores [out, in], alignax [in, out], hence the transposes; GPT-2's `Conv1D` is a
   model.layers.i.self_attn.q_proj.weight [H*Dh, d] blocks.attn.wq [d, H, Dh]  .T, reshape
   model.layers.i.self_attn.k_proj.weight [K*Dh, d] blocks.attn.wk [d, K, Dh]  .T, reshape
   model.layers.i.self_attn.v_proj.weight [K*Dh, d] blocks.attn.wv [d, K, Dh]  .T, reshape
-  model.layers.i.self_attn.{q,k,v}_proj.bias      blocks.attn.b{q,k,v} [H|K, Dh]  reshape (Qwen2)
+  model.layers.i.self_attn.{q,k,v}_proj.bias      blocks.attn.b{q,k,v} [H|K, Dh]  reshape (Qwen2,
+                                                  attention_bias)
   model.layers.i.self_attn.o_proj.weight [d, H*Dh] blocks.attn.wo [H, Dh, d]  .T, reshape
+  model.layers.i.self_attn.o_proj.bias [d]        blocks.attn.bo         - (attention_bias)
+  model.layers.i.self_attn.{q,k}_norm.weight [Dh] blocks.attn.{q,k}_norm - (Qwen3)
   model.layers.i.post_attention_layernorm.weight  blocks.mlp_norm.scale  -
   model.layers.i.mlp.gate_proj.weight [F, d]      blocks.mlp.w_gate [d, F]  .T
   model.layers.i.mlp.up_proj.weight [F, d]        blocks.mlp.w_in [d, F]    .T
   model.layers.i.mlp.down_proj.weight [d, F]      blocks.mlp.w_out [F, d]   .T
+  model.layers.i.mlp.{gate,up,down}_proj.bias     blocks.mlp.b_{gate,in,out}  - (mlp_bias)
   model.norm.weight [d]                           final_norm.scale       -
   lm_head.weight [V, d] (untied only)             lm_head [d, V]         .T
 
@@ -150,10 +154,19 @@ def rules_for(cfg: ModelConfig, family: str, hf_positions: int | None = None) ->
         _linear("blocks/mlp/w_out", m + "mlp.down_proj.weight", f, (d,)),
         _same("final_norm/scale", "model.norm.weight", (d,)),
     ]
-    if cfg.qkv_bias:
+    if cfg.qkv_biased:
       rules += [_reshaped(a + "bq", m + "self_attn.q_proj.bias", (h * dh,), (h, dh)),
                 _reshaped(a + "bk", m + "self_attn.k_proj.bias", (k * dh,), (k, dh)),
                 _reshaped(a + "bv", m + "self_attn.v_proj.bias", (k * dh,), (k, dh))]
+    if cfg.out_biased:
+      rules.append(_same(a + "bo", m + "self_attn.o_proj.bias", (d,)))
+    if cfg.qk_norm:
+      rules += [_same(a + "q_norm", m + "self_attn.q_norm.weight", (dh,)),
+                _same(a + "k_norm", m + "self_attn.k_norm.weight", (dh,))]
+    if cfg.mlp_biased:
+      rules += [_same("blocks/mlp/b_gate", m + "mlp.gate_proj.bias", (f,)),
+                _same("blocks/mlp/b_in", m + "mlp.up_proj.bias", (f,)),
+                _same("blocks/mlp/b_out", m + "mlp.down_proj.bias", (d,))]
   if not cfg.tie_embeddings:
     rules.append(_linear("lm_head", "lm_head.weight", d, (v,)))
   return rules
