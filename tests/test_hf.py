@@ -358,3 +358,50 @@ def test_import_hf_cli_without_tokenizer(transformers, tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("alignax: error: ")
   assert "has no *.safetensors weights" in proc.stderr
+
+
+def test_untrusted_checkpoints_are_refused_before_anything_large_happens(transformers, tmp_path):
+  """Absurd sizes, a huge tokenizer, a weight_map escaping --src, a --dst holding a run: each a
+  clear HFError before a large allocation or an overwrite."""
+  from alignax.commands.import_hf import main as import_hf_main
+  from alignax.models.hf import HFError, import_hf
+  src = tmp_path / "hf"
+  make_hf_model(transformers, "llama", src)
+  with open(src / "config.json") as f:
+    good = json.load(f)
+  _edit_config(src, vocab_size=10**12, hidden_size=2**20)
+  with pytest.raises(HFError, match=r"implies [\d,]+ parameters, but the weight files hold only"):
+    import_hf(str(src))
+  _edit_config(src, **good)
+
+  with pytest.raises(HFError, match=r"the tokenizer needs a vocabulary of 1,000,300, 1,000,000 rows more"):
+    import_hf(str(src), pad_vocab_to=V + 10**6)
+
+  (tmp_path / "outside.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+  os.remove(src / "model.safetensors")
+  (src / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"model.embed_tokens.weight": "../outside.safetensors"}}))
+  with pytest.raises(HFError, match=r"names '../outside.safetensors', which is not a .safetensors file "
+                                    r"inside"):
+    import_hf(str(src))
+  os.replace(tmp_path / "outside.safetensors", src / "model.safetensors")
+  os.remove(src / "model.safetensors.index.json")
+
+  flags = types.SimpleNamespace(src=str(src), dst=str(tmp_path / "run"), dtype="float32")
+  import_hf_main(flags)
+  before = os.path.getmtime(tmp_path / "run" / "export")
+  with pytest.raises(HFError, match=r"already holds a run \(export\)"):
+    import_hf_main(flags)
+  assert os.path.getmtime(tmp_path / "run" / "export") == before
+
+
+def test_apply_beyond_max_seq_len_raises_instead_of_nan_logits():
+  from alignax.models import build_lm, gpt2_style
+  lm, params = build_lm(gpt2_style(vocab_size=50, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                                   max_seq_len=16))
+  tokens = jnp.zeros((1, 20), jnp.int32)
+  with pytest.raises(ValueError, match="a sequence of 20 tokens exceeds model.max_seq_len=16"):
+    lm.apply(params, tokens, jnp.arange(20)[None], jnp.ones_like(tokens))
+  with pytest.raises(ValueError, match="a KV cache of 24 tokens exceeds"):
+    lm.apply(params, tokens[:, :4], jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32),
+             lm.init_cache(1, 24))

@@ -44,6 +44,11 @@ def main(flags) -> None:
   max_seq_len = getattr(flags, "max_seq_len", None) or None  # only if the CLI defines it
   if not os.path.isdir(src):
     raise HFError(f"--src={flags.src}: not a directory")
+  held = [n for n in ("export", "checkpoints", "config.json", "metrics.jsonl")
+          if os.path.exists(os.path.join(dst, n))]
+  if held:
+    raise HFError(f"--dst={flags.dst} already holds a run ({', '.join(held)}): import into a new "
+                  "directory (nothing was written)")
   kind, tok, warning = _tokenizer_for(src)
   if kind == "bytes":
     tok = ByteTokenizer()

@@ -259,6 +259,12 @@ class Transformer(nnx.Module):
     """
     cfg = self.cfg
     dt = cfg.compute_dtype
+    length = tokens.shape[1] if cache is None else cache["segment_ids"].shape[1]
+    if length > cfg.max_seq_len:
+      # Beyond the learned table a lookup reads NaN, and beyond it RoPE runs where the model was
+      # never trained: refuse at trace time rather than return such logits.
+      what = "sequence" if cache is None else "KV cache"
+      raise ValueError(f"a {what} of {length} tokens exceeds model.max_seq_len={cfg.max_seq_len}")
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     if cfg.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)

@@ -22,6 +22,11 @@ from alignax.models.hf.tensors import Rule, params_from_flat, rules_for
 from alignax.models.lm import count_params
 
 
+# Rows import adds for tokens a tokenizer added (chat markers): a few; thousands more means a
+# tokenizer that does not belong to the checkpoint (or an id that would allocate gigabytes).
+MAX_NEW_VOCAB_ROWS = 4096
+
+
 def _stored_name(reader: SafetensorsReader, family: str) -> Callable[[str], str]:
   """Expected name -> stored name: the original GPT-2 checkpoints omit the "transformer." prefix."""
   prefix = "transformer."
@@ -106,6 +111,11 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
   hf_positions = int(hf["n_positions"]) if family == "gpt2" else None
   rules = rules_for(cfg, family, hf_positions)
   with SafetensorsReader(files) as reader:
+    # A config.json with absurd sizes is refused before anything is built from it.
+    implied, held = cfg.num_params(), reader.nbytes()
+    if implied > held:
+      raise HFError(f"{where}: the config implies {implied:,} parameters, but the weight files hold "
+                    f"only {held:,} bytes of tensors")
     stored = _stored_name(reader, family)
     wanted, ignored = _check_tensors(reader, rules, stored, cfg, arch, src_dir)
     source_dtypes = sorted({reader.dtype(n) for n in wanted})
@@ -113,6 +123,10 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
 
   hf_vocab = cfg.vocab_size
   new_vocab = max(hf_vocab, int(pad_vocab_to or 0))
+  if new_vocab - hf_vocab > MAX_NEW_VOCAB_ROWS:
+    raise HFError(f"the tokenizer needs a vocabulary of {new_vocab:,}, {new_vocab - hf_vocab:,} rows "
+                  f"more than the checkpoint's {hf_vocab:,} (at most {MAX_NEW_VOCAB_ROWS:,} new rows, "
+                  "for added chat markers): is it this checkpoint's tokenizer?")
   if new_vocab > hf_vocab or len(mean_init_ids):
     cfg = dataclasses.replace(cfg, vocab_size=new_vocab)
     flat = _grow_vocab(flat, hf_vocab, new_vocab, mean_init_ids)

@@ -22,6 +22,12 @@ def weight_files(src_dir: str) -> list[str]:
   index = os.path.join(src_dir, "model.safetensors.index.json")
   if os.path.isfile(index):
     weight_map = _read_json(index).get("weight_map") or {}
+    root = os.path.realpath(src_dir)
+    for name in sorted(set(weight_map.values())):
+      path = os.path.realpath(os.path.join(src_dir, str(name)))
+      if os.path.commonpath([root, path]) != root or not str(name).endswith(".safetensors"):
+        raise HFError(f"{index}: weight_map names {name!r}, which is not a .safetensors file inside "
+                      f"{src_dir}; refusing to read it")
     files = sorted({os.path.join(src_dir, name) for name in weight_map.values()})
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
@@ -90,6 +96,13 @@ class SafetensorsReader:
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+  def nbytes(self) -> int:
+    """Bytes of tensor data the files declare (from their headers)."""
+    sizes = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+             "I16": 2, "U16": 2}
+    return sum(int(np.prod(self.shape(n), dtype=np.int64)) * sizes.get(self.dtype(n), 1)
+               for n in self._where)
 
   def dtype(self, name: str) -> str:
     return self._handles[self._where[name]].get_slice(name).get_dtype()  # "F32", "BF16", ...
