@@ -7,6 +7,7 @@
   alignax eval      --workdir=DIR
   alignax data      world --out=DIR [--config=configs/pretrain.py:tiny]
   alignax import-hf --src=HF_DIR --dst=WORKDIR
+  alignax export-hf --workdir=WORKDIR --out=HF_DIR [--dtype=bfloat16]
   alignax studio    --workdir=runs/pipeline_tiny [--port=8765]
 
 Flags follow absl / ml-collections conventions. Config overrides are checked against the config
@@ -257,6 +258,23 @@ def cmd_import_hf(prog: str, argv: list[str]) -> None:
   app.run(_guarded(main), argv=[prog] + argv)
 
 
+def cmd_export_hf(prog: str, argv: list[str]) -> None:
+  """Writes a run's language model as a Hugging Face checkpoint directory."""
+  flags.DEFINE_string("workdir", None, "alignax run directory (its export, else latest checkpoint).",
+                      required=True)
+  flags.DEFINE_string("out", None, "Directory to write (config.json, safetensors, tokenizer).",
+                      required=True)
+  flags.DEFINE_string("dtype", "", "float32, bfloat16 or float16 (default: the params' own).")
+  flags.DEFINE_string("architecture", "", "Hugging Face architecture (default: the one imported "
+                      "from, else the one the model's choices imply).")
+  flags.DEFINE_string("max_shard_size", "2GB", "Largest safetensors file (e.g. 500MB); 0: one file.")
+
+  def main(_):
+    from alignax.commands.export_hf import main as export_hf_main
+    export_hf_main(flags.FLAGS)
+  app.run(_guarded(main), argv=[prog] + argv)
+
+
 def cmd_studio(prog: str, argv: list[str]) -> None:
   """A local web app: every model answers a prompt side by side; label pairs into a preference file."""
   flags.DEFINE_string("workdir", "", "A pipeline directory: its policies (base, sft, ppo, ...) are served.")
@@ -281,6 +299,7 @@ COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
     "eval": cmd_eval,
     "data": cmd_data,
     "import-hf": cmd_import_hf,
+    "export-hf": cmd_export_hf,
     "studio": cmd_studio,
 }
 

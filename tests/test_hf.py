@@ -405,3 +405,62 @@ def test_apply_beyond_max_seq_len_raises_instead_of_nan_logits():
   with pytest.raises(ValueError, match="a KV cache of 24 tokens exceeds"):
     lm.apply(params, tokens[:, :4], jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32),
              lm.init_cache(1, 24))
+
+
+def test_export_hf_command_round_trip(transformers, tmp_path, capsys):
+  """import-hf a Mistral, a chat-trained run on top of it, export-hf: a Mistral again, sharded
+  with an index, logits equal, generation_config's eos, and `apply_chat_template` giving the
+  token ids alignax trained on."""
+  import ml_collections
+  from alignax.checkpoint import export_model_config, load_export, read_export_meta, save_export
+  from alignax.commands.export_hf import main as export_hf_main
+  from alignax.commands.import_hf import main as import_hf_main
+  from alignax.config import save_config
+  from alignax.data.chat import encode_chat
+  from alignax.data.tokenizers import make_tokenizer
+  from alignax.models.hf import HFError
+  from alignax.run_models import load_policy
+  model = make_hf_model(transformers, "mistral_window", tmp_path / "hf")
+  make_tokenizer_dir(tmp_path / "hf", ("<s>", "</s>"))
+  import_hf_main(types.SimpleNamespace(src=str(tmp_path / "hf"), dst=str(tmp_path / "imported"),
+                                       dtype="float32"))
+  # A chat-trained run started from the import (as SFT writes it): its export and config.json.
+  params, _ = load_export(str(tmp_path / "imported"))
+  meta = read_export_meta(str(tmp_path / "imported"))
+  sft = str(tmp_path / "sft")
+  save_export(sft, params, model=export_model_config(str(tmp_path / "imported")), stage="sft",
+              tokenizer=meta["tokenizer"], chat_template="markers")
+  save_config(ml_collections.ConfigDict(dict(stage="sft", init=dict(workdir=str(tmp_path / "imported")))), sft)
+
+  flags = types.SimpleNamespace(workdir=sft, out=str(tmp_path / "out"), dtype="", architecture="",
+                                max_shard_size="40KB")
+  export_hf_main(flags)
+  assert "exported MistralForCausalLM (sft, from its export)" in capsys.readouterr().out
+  out = tmp_path / "out"
+  assert (out / "model.safetensors.index.json").exists()
+  assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) > 1
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  assert type(again).__name__ == "MistralForCausalLM" and again.config.sliding_window == 8
+  lm, p, _, spec = load_policy(sft)
+  assert rel_error(hf_logits(again), alignax_logits(lm.config, p)) <= 1e-4
+  assert rel_error(hf_logits(again)[..., :V], hf_logits(model)) <= 1e-4
+  tok = make_tokenizer(spec)
+  with open(out / "generation_config.json") as f:
+    assert json.load(f)["eos_token_id"] == tok.eos_id
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the lazy dog"},
+          {"role": "assistant", "content": "a quick fox"}, {"role": "user", "content": "jumps over"}]
+  ids, _ = encode_chat(tok, chat, add_generation_prompt=True)
+  rendered = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+  rendered = rendered["input_ids"] if hasattr(rendered, "keys") else rendered  # transformers 5: a dict
+  assert list(rendered) == ids
+
+  with pytest.raises(HFError, match="LlamaForCausalLM has no sliding_window"):
+    export_hf_main(types.SimpleNamespace(workdir=sft, out=str(tmp_path / "llama"), dtype="",
+                                         architecture="LlamaForCausalLM", max_shard_size="0"))
+  export_hf_main(types.SimpleNamespace(workdir=sft, out=str(tmp_path / "bf16"), dtype="bfloat16",
+                                       architecture="", max_shard_size="0"))
+  with open(tmp_path / "bf16" / "model.safetensors", "rb") as f:
+    assert b'"BF16"' in f.read(4096)
+  with pytest.raises(HFError, match="already holds a checkpoint"):
+    export_hf_main(flags)

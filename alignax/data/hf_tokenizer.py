@@ -169,16 +169,34 @@ class HFTokenizer:
   def id_to_token(self, i: int) -> str | None:
     return self._tok.id_to_token(int(i))
 
-  def save(self, directory: str) -> str:
+  def save(self, directory: str, chat_template: str | None = None) -> str:
     """Writes `tokenizer.json` (with the added role markers, so ids match) and a
-    `tokenizer_config.json` naming bos/eos/pad, so `transformers.AutoTokenizer` loads it too."""
+    `tokenizer_config.json` naming bos/eos/pad, so `transformers.AutoTokenizer` loads it too.
+
+    The source's tokenizer_config.json entries (its Jinja `chat_template`, ...) and a
+    `chat_template.jinja` beside it are kept; `chat_template` replaces the template.
+    """
     os.makedirs(directory, exist_ok=True)
+    source = os.path.dirname(self.path)
+    config = {}
+    source_config = os.path.join(source, "tokenizer_config.json")
+    if os.path.isfile(source_config):
+      with open(source_config, encoding="utf-8") as f:
+        config = json.load(f)
+    jinja = os.path.join(source, "chat_template.jinja")
+    if chat_template is None and os.path.isfile(jinja) and "chat_template" not in config:
+      with open(jinja, encoding="utf-8") as f:
+        chat_template = f.read()
     path = os.path.join(directory, "tokenizer.json")
     self._tok.save(path)
     names = {k: self._tok.id_to_token(i) for k, i in
              (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
+    config.pop("added_tokens_decoder", None)  # ids come from tokenizer.json, markers included
+    config.update(tokenizer_class="PreTrainedTokenizerFast", **names)
+    if chat_template is not None:
+      config["chat_template"] = chat_template
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-      json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **names}, f, indent=2)
+      json.dump(config, f, indent=2)
     return path
 
   def __repr__(self) -> str:

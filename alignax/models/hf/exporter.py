@@ -15,23 +15,66 @@ from alignax.models.hf.safetensors_io import _safetensors
 from alignax.models.hf.tensors import _flat_abstract, _flatten, rules_for
 
 
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": "bfloat16"}
+
+
+def _shards(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[str, np.ndarray]]:
+  """Tensors in name order, cut into files of at most `max_bytes` (a larger tensor alone)."""
+  if not max_bytes:
+    return [tensors]
+  shards, current, size = [], {}, 0
+  for name in sorted(tensors):
+    n = tensors[name].nbytes
+    if current and size + n > max_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = tensors[name]
+    size += n
+  return shards + ([current] if current else [])
+
+
+def _write_weights(tensors: dict[str, np.ndarray], dst_dir: str, max_bytes: int | None) -> list[str]:
+  """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json."""
+  save_file = _safetensors().numpy.save_file
+  shards = _shards(tensors, max_bytes)
+  if len(shards) == 1:
+    names = ["model.safetensors"]
+  else:
+    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+             "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+    with open(os.path.join(dst_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+      json.dump(index, f, indent=2)
+  for name, shard in zip(names, shards):
+    save_file(shard, os.path.join(dst_dir, name), metadata={"format": "pt"})
+  return names
+
+
 def export_hf(params, cfg: ModelConfig, dst_dir: str, architecture: str | None = None,
-              tokenizer=None) -> str:
-  """Writes `config.json` + `model.safetensors` that `AutoModelForCausalLM.from_pretrained` loads.
+              tokenizer=None, *, dtype: str | None = None, max_shard_bytes: int | None = None,
+              eos_ids: tuple[int, ...] | None = None, chat_template: str | None = None) -> str:
+  """Writes `config.json` + safetensors weights that `AutoModelForCausalLM.from_pretrained` loads.
 
   Args:
     params: the model's params (`nnx.State` or its pure dict), fully addressable on this host.
     cfg: their ModelConfig.
     dst_dir: directory to write (created).
     architecture: see `config_to_hf` (default: from the config's style).
-    tokenizer: optional alignax tokenizer: its bos/eos/pad ids go into config.json, and an
-      `HFTokenizer` is saved beside the weights (tokenizer.json with the added role markers).
+    tokenizer: optional alignax tokenizer: its bos/eos/pad ids go into config.json and
+      generation_config.json, and an `HFTokenizer` is saved beside the weights (tokenizer.json
+      with the added role markers, its chat template kept).
+    dtype: "float32", "bfloat16" or "float16" to store (default: the params' own).
+    max_shard_bytes: cut the weights into files of at most this size, with an index.
+    eos_ids: the ids that end a reply (generation_config.json; default the tokenizer's eos).
+    chat_template: a Jinja chat template for tokenizer_config.json (default: the source
+      tokenizer's own, if it has one).
 
   Returns:
     dst_dir.
   """
-  save_file = _safetensors().numpy.save_file
   hf = config_to_hf(cfg, architecture, tokenizer)
+  if dtype is not None and dtype not in DTYPES:
+    raise HFError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
     raise HFError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) exceeds the model's "
                   f"vocab_size ({cfg.vocab_size})")
@@ -52,7 +95,10 @@ def export_hf(params, cfg: ModelConfig, dst_dir: str, architecture: str | None =
         tensors[rule.hf.format(i=i)] = np.ascontiguousarray(rule.to_hf(*(a[i] for a in arrays)))
     else:
       tensors[rule.hf] = np.ascontiguousarray(rule.to_hf(*arrays))
-  dt = np.asarray(flat["embed"]).dtype
+  if dtype is not None:
+    target = np.dtype(DTYPES[dtype]) if dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
+    tensors = {k: v.astype(target) for k, v in tensors.items()}
+  dt = next(iter(tensors.values())).dtype
   if hf["model_type"] == "qwen2" and not cfg.qkv_bias:
     # Qwen2 always has q/k/v biases: zeros give the same function.
     for name, n in (("q", cfg.n_heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
@@ -61,9 +107,15 @@ def export_hf(params, cfg: ModelConfig, dst_dir: str, architecture: str | None =
   # The dtype the weights are stored in (params may have been cast since cfg was written).
   hf.update(torch_dtype=str(dt), dtype=str(dt))
   os.makedirs(dst_dir, exist_ok=True)
-  save_file(tensors, os.path.join(dst_dir, "model.safetensors"), metadata={"format": "pt"})
+  _write_weights(tensors, dst_dir, max_shard_bytes)
   with open(os.path.join(dst_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf, f, indent=2)
-  if tokenizer is not None and hasattr(tokenizer, "save"):
-    tokenizer.save(dst_dir)
+  if tokenizer is not None:
+    eos = list(eos_ids or (int(tokenizer.eos_id),))
+    generation = dict(bos_token_id=int(tokenizer.bos_id), eos_token_id=eos if len(eos) > 1 else eos[0],
+                      pad_token_id=int(tokenizer.pad_id))
+    with open(os.path.join(dst_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+      json.dump(generation, f, indent=2)
+    if hasattr(tokenizer, "save"):
+      tokenizer.save(dst_dir, chat_template=chat_template)
   return dst_dir
