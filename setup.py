@@ -32,6 +32,7 @@ HF_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest>=8.0",
+    "pytest-xdist>=3.5",
     "nbformat>=5.10",
     "nbclient>=0.10",
     "ipykernel>=6.29",
