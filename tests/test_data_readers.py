@@ -170,3 +170,70 @@ def test_read_records_dispatch_and_globs(tmp_path):
   with pytest.raises(DataError, match="unknown file type"):
     (tmp_path / "c.csv").write_text("x")
     readers.read_records(str(tmp_path / "c.csv"), "text")
+
+
+# ----------------------------------------------------------------------------- the ecosystem's formats
+
+USER, BOT = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}
+
+
+def test_trl_prompt_completion_forms_are_sft_records():
+  """TRL's standard and conversational prompt-completion records read as SFT conversations."""
+  plain = schemas.validate("sft", {"prompt": "What is 2+2?", "completion": "4."})
+  chat = schemas.validate("sft", {"prompt": [USER], "completion": [BOT]})
+  assert plain["messages"] == chat["messages"] == [USER, BOT]
+  with pytest.raises(DataError, match="field 'completion' must end with an assistant message"):
+    schemas.validate("sft", {"prompt": [USER], "completion": [USER]})
+  with pytest.raises(DataError, match=r"unpaired \(KTO\) data, not SFT"):
+    schemas.validate("sft", {"prompt": "q", "completion": "a", "label": False})
+
+
+def _save_to_disk(folder, rows_per_file):
+  """The layout `datasets.Dataset.save_to_disk` writes: Arrow IPC stream shards and state.json."""
+  folder.mkdir()
+  names = []
+  for k, rows in enumerate(rows_per_file):
+    name = f"data-{k:05d}-of-{len(rows_per_file):05d}.arrow"
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+      writer.write_table(table)
+    names.append(name)
+  (folder / "state.json").write_text(json.dumps(
+      {"_data_files": [{"filename": n} for n in names], "_fingerprint": "x", "_split": "train"}))
+  (folder / "dataset_info.json").write_text("{}")
+
+
+def test_datasets_folders_and_parquet_shards(tmp_path):
+  """A save_to_disk folder (TRL's conversational preference form, implicit prompt) and a folder of
+  Parquet shards read in order, with per-row errors naming the shard; a DatasetDict folder asks
+  for a split."""
+  pairs = [{"chosen": [USER, {"role": "assistant", "content": f"good {i}"}],
+            "rejected": [USER, {"role": "assistant", "content": f"bad {i}"}]} for i in range(5)]
+  _save_to_disk(tmp_path / "prefs", [pairs[:3], pairs[3:]])
+  records = readers.read_records(str(tmp_path / "prefs"), "preference")
+  assert [r["chosen"][0]["content"] for r in records] == [f"good {i}" for i in range(5)]
+  assert records[0]["prompt"] == [USER] and records.counts["records"] == 5
+  assert records[4]["_source"].endswith("data-00001-of-00002.arrow: row 1")
+
+  shards = tmp_path / "sft"
+  shards.mkdir()
+  for k in range(2):
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"q{k}{i}", "completion": f"a{k}{i}"} for i in range(2)]),
+                   str(shards / f"train-{k:05d}.parquet"))
+  records = readers.read_records(str(shards), "sft")
+  assert [r["messages"][1]["content"] for r in records] == ["a00", "a01", "a10", "a11"]
+
+  bad = tmp_path / "bad"
+  _save_to_disk(bad, [[{"prompt": "q", "completion": "a"}, {"prompt": "q"}]])
+  with pytest.raises(DataError, match=r"data-00000-of-00001.arrow: row 1: field 'completion' must be a string"):
+    readers.read_records(str(bad), "sft")
+  skipped = readers.read_records(str(bad), "sft", bad_records="skip")
+  assert len(skipped) == 1 and skipped.counts["invalid"] == 1
+
+  (tmp_path / "dd").mkdir()
+  (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+  for split in ("train", "test"):
+    (tmp_path / "dd" / split).mkdir()
+  with pytest.raises(DataError, match=r"a datasets.DatasetDict folder \(splits: test, train\); give one "
+                                      r"split's folder"):
+    readers.read_records(str(tmp_path / "dd"), "sft")

@@ -1,4 +1,5 @@
-"""Readers for users' own files: JSONL, Parquet and plain text, every record validated.
+"""Readers for users' own files: JSONL, Parquet, Arrow (`datasets` folders) and plain text, every
+record validated.
 
 Every problem is a `DataError` whose message starts with where it is:
 
@@ -184,6 +185,39 @@ def read_parquet(path: str, schema: str, *, bad_records: str = "error",
   return _finish(out, path)
 
 
+def read_arrow(path: str, schema: str, *, bad_records: str = "error") -> RecordList:
+  """Reads an Arrow IPC stream file (what `datasets.Dataset.save_to_disk` writes), batch by batch.
+
+  Returns:
+    RecordList of normalized records, each with "_source" = "path: row N" (N from 0).
+  """
+  import pyarrow as pa
+
+  schemas.check_schema(schema)
+  schemas.check_policy(bad_records)
+  _open_checked(path)
+  out = RecordList()
+  row = 0
+  try:
+    with pa.memory_map(path) as source:
+      try:
+        reader = pa.ipc.open_stream(source)
+      except pa.ArrowInvalid:  # the random-access (file) format
+        reader = pa.ipc.open_file(source)
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+      else:
+        batches = iter(reader)
+      for batch in batches:
+        for record in batch.to_pylist():
+          _add(out, record, f"{path}: row {row}", schema, bad_records)
+          row += 1
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{path}: not a readable Arrow file ({e})") from None
+  if row == 0:
+    raise DataError(f"{path}: Arrow file has no rows")
+  return _finish(out, path)
+
+
 def read_text(path: str, *, mode: str = "lines", bad_records: str = "error") -> RecordList:
   """Plain text for pretraining, as {"text"} records.
 
@@ -223,11 +257,39 @@ def read_text(path: str, *, mode: str = "lines", bad_records: str = "error") -> 
   return _finish(out, path)
 
 
+def dataset_folder_files(path: str) -> list[str] | None:
+  """The data files of a dataset folder, in order, or None when `path` is not one:
+  a `datasets.Dataset.save_to_disk` folder (its Arrow files, as state.json lists them) or a
+  folder of Parquet shards (sorted by name). A `DatasetDict` folder is an error naming its
+  splits (give one split's folder)."""
+  if not os.path.isdir(path):
+    return None
+  if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+    splits = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    raise DataError(f"{path}: a datasets.DatasetDict folder (splits: {', '.join(splits)}); give one "
+                    f"split's folder, e.g. {os.path.join(path, splits[0] if splits else 'train')}")
+  state = os.path.join(path, "state.json")
+  if os.path.isfile(state):
+    try:
+      with open(state, encoding="utf-8") as f:
+        names = [d["filename"] for d in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise DataError(f"{state}: not a datasets save_to_disk state file ({e})") from None
+    files = [os.path.join(path, n) for n in names]
+    for f in files:
+      if os.path.dirname(os.path.realpath(f)) != os.path.realpath(path):
+        raise DataError(f"{state}: lists {f}, outside the folder")
+    return files
+  shards = sorted(glob.glob(os.path.join(path, "*.parquet")))
+  return shards or None
+
+
 def expand_paths(spec: str | Sequence[str]) -> list[str]:
   """Comma-separated paths/globs (or a list of them) -> sorted existing paths.
 
   A glob that matches nothing is an error (a typo should not silently mean "no data");
-  a plain path is passed through so the reader reports it as missing.
+  a plain path is passed through so the reader reports it as missing. A dataset folder
+  (`dataset_folder_files`) stands for its data files.
   """
   parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
   paths: list[str] = []
@@ -240,7 +302,7 @@ def expand_paths(spec: str | Sequence[str]) -> list[str]:
         raise DataError(f"{p}: no files match this pattern")
       paths.extend(matched)
     else:
-      paths.append(p)
+      paths.extend(dataset_folder_files(p) or [p])
   if not paths:
     raise DataError("no data files given")
   return paths
@@ -250,8 +312,9 @@ def read_records(paths: str | Sequence[str], schema: str, *, bad_records: str = 
                  text_mode: str = "lines") -> RecordList:
   """Reads files of any supported kind by extension and concatenates their records.
 
-  .jsonl/.json -> `read_jsonl`; .parquet/.pq -> `read_parquet`; .txt/.text/.md -> `read_text`
-  (only for schema "text"). `paths` may be comma-separated and contain globs.
+  .jsonl/.json -> `read_jsonl`; .parquet/.pq -> `read_parquet`; .arrow -> `read_arrow`;
+  .txt/.text/.md -> `read_text` (only for schema "text"). `paths` may be comma-separated, contain
+  globs, and name dataset folders (a `save_to_disk` folder, a folder of Parquet shards).
   With `bad_records="skip"`, files whose records are all invalid are an error (nothing usable
   would be left to train on): the message names the files and the first problems.
   """
@@ -264,12 +327,14 @@ def read_records(paths: str | Sequence[str], schema: str, *, bad_records: str = 
       part = read_jsonl(path, schema, bad_records=bad_records)
     elif ext in (".parquet", ".pq"):
       part = read_parquet(path, schema, bad_records=bad_records)
+    elif ext == ".arrow":
+      part = read_arrow(path, schema, bad_records=bad_records)
     elif ext in (".txt", ".text", ".md"):
       if schema != "text":
         raise DataError(f"{path}: plain text files can only hold schema 'text', not {schema!r}")
       part = read_text(path, mode=text_mode, bad_records=bad_records)
     else:
-      raise DataError(f"{path}: unknown file type {ext!r}; expected .jsonl, .parquet or .txt")
+      raise DataError(f"{path}: unknown file type {ext!r}; expected .jsonl, .parquet, .arrow or .txt")
     out.extend_from(part)
   if not out:
     raise DataError(f"{', '.join(paths)}: no usable records: all {out.counts['invalid']} records "

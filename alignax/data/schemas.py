@@ -5,6 +5,7 @@ Accepted inputs and what they normalize to (keys starting with "_" are metadata,
 
   text        {"text": str}                                   -> {"text"}
   sft         {"prompt": str | messages, "response": str}
+              or TRL's {"prompt": str | messages, "completion": str | messages}
               or {"messages": [{"role", "content"}, ...]}      -> {"messages"}
   preference  {"prompt": str, "chosen": str, "rejected": str}
               or conversational: "prompt" a message list or absent, "chosen"/"rejected"
@@ -147,12 +148,19 @@ def validate_sft(record: Any) -> dict[str, Any]:
   record = _mapping(record)
   if "messages" in record:
     msgs = _messages(_require(record, "messages"), "messages")
+  elif "completion" in record:  # TRL's prompt-completion form, plain or conversational
+    if "label" in record:
+      raise DataError("a record with 'completion' and 'label' is unpaired (KTO) data, not SFT "
+                      "demonstrations: training on it would imitate the bad completions too")
+    prompt = _as_prompt(_require(record, "prompt"))
+    msgs = prompt + _as_response(record["completion"], "completion")
+    _check_conversation(msgs, "prompt + completion")
   elif "prompt" in record or "response" in record:
     prompt = _as_prompt(_require(record, "prompt"))
     msgs = prompt + [{"role": "assistant", "content": _string(record, "response")}]
     _check_conversation(msgs, "prompt + response")
   else:
-    raise DataError("missing field 'messages' (or 'prompt' and 'response')")
+    raise DataError("missing field 'messages' (or 'prompt' and 'response' / 'completion')")
   if not any(m["role"] == "assistant" for m in msgs):
     raise DataError("conversation has no assistant message to learn from")
   return {"messages": msgs, **_meta(record)}
