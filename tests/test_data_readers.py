@@ -237,3 +237,14 @@ def test_datasets_folders_and_parquet_shards(tmp_path):
   with pytest.raises(DataError, match=r"a datasets.DatasetDict folder \(splits: test, train\); give one "
                                       r"split's folder"):
     readers.read_records(str(tmp_path / "dd"), "sft")
+
+
+def test_arrow_file_format_and_unreadable_files(tmp_path):
+  """The random-access Arrow format reads too; a file that is neither format says so."""
+  table = pa.Table.from_pylist([{"text": "one"}, {"text": "two"}])
+  with pa.OSFile(str(tmp_path / "a.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+    w.write_table(table)
+  assert [r["text"] for r in readers.read_records(str(tmp_path / "a.arrow"), "text")] == ["one", "two"]
+  (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
+  with pytest.raises(DataError, match=r"junk.arrow: not a readable Arrow file"):
+    readers.read_records(str(tmp_path / "junk.arrow"), "text")

@@ -17,6 +17,7 @@ naming its file and line/row) that also carries `counts` and the first few `prob
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -157,65 +158,64 @@ def read_jsonl(path: str, schema: str, *, bad_records: str = "error") -> RecordL
   return _finish(out, path)
 
 
-def read_parquet(path: str, schema: str, *, bad_records: str = "error",
-                 batch_rows: int = 4096) -> RecordList:
-  """Reads a Parquet file row by row (in record batches, so memory stays bounded).
-
-  Returns:
-    RecordList of normalized records, each with "_source" = "path: row N" (N from 0).
-  """
+def _read_columnar(path: str, schema: str, bad_records: str, kind: str, open_batches) -> RecordList:
+  """Rows of a columnar file, validated one by one: `open_batches(path)` is a context manager
+  giving an iterator of pyarrow record batches (so memory stays bounded)."""
   import pyarrow as pa
-  import pyarrow.parquet as pq
 
   schemas.check_schema(schema)
   schemas.check_policy(bad_records)
   _open_checked(path)  # missing / empty / directory give the same messages as for JSONL
   out = RecordList()
+  row = 0
   try:
-    pfile = pq.ParquetFile(path)
-    row = 0
-    for batch in pfile.iter_batches(batch_size=batch_rows):
-      for record in batch.to_pylist():
-        _add(out, record, f"{path}: row {row}", schema, bad_records)
-        row += 1
+    with open_batches(path) as batches:
+      for batch in batches:
+        for record in batch.to_pylist():
+          _add(out, record, f"{path}: row {row}", schema, bad_records)
+          row += 1
   except (pa.ArrowException, OSError) as e:
-    raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    raise DataError(f"{path}: not a readable {kind} file ({e})") from None
   if row == 0:
-    raise DataError(f"{path}: Parquet file has no rows")
+    raise DataError(f"{path}: {kind} file has no rows")
   return _finish(out, path)
 
 
+def read_parquet(path: str, schema: str, *, bad_records: str = "error",
+                 batch_rows: int = 4096) -> RecordList:
+  """Reads a Parquet file row by row (in record batches).
+
+  Returns:
+    RecordList of normalized records, each with "_source" = "path: row N" (N from 0).
+  """
+  import pyarrow.parquet as pq
+
+  @contextlib.contextmanager
+  def batches(p):
+    yield pq.ParquetFile(p).iter_batches(batch_size=batch_rows)
+  return _read_columnar(path, schema, bad_records, "Parquet", batches)
+
+
 def read_arrow(path: str, schema: str, *, bad_records: str = "error") -> RecordList:
-  """Reads an Arrow IPC stream file (what `datasets.Dataset.save_to_disk` writes), batch by batch.
+  """Reads an Arrow IPC file, stream (what `datasets.Dataset.save_to_disk` writes) or
+  random-access format, batch by batch.
 
   Returns:
     RecordList of normalized records, each with "_source" = "path: row N" (N from 0).
   """
   import pyarrow as pa
 
-  schemas.check_schema(schema)
-  schemas.check_policy(bad_records)
-  _open_checked(path)
-  out = RecordList()
-  row = 0
-  try:
-    with pa.memory_map(path) as source:
+  @contextlib.contextmanager
+  def batches(p):
+    with pa.memory_map(p) as source:
       try:
-        reader = pa.ipc.open_stream(source)
+        stream = iter(pa.ipc.open_stream(source))
       except pa.ArrowInvalid:  # the random-access (file) format
+        source.seek(0)
         reader = pa.ipc.open_file(source)
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-      else:
-        batches = iter(reader)
-      for batch in batches:
-        for record in batch.to_pylist():
-          _add(out, record, f"{path}: row {row}", schema, bad_records)
-          row += 1
-  except (pa.ArrowException, OSError) as e:
-    raise DataError(f"{path}: not a readable Arrow file ({e})") from None
-  if row == 0:
-    raise DataError(f"{path}: Arrow file has no rows")
-  return _finish(out, path)
+        stream = (reader.get_batch(i) for i in range(reader.num_record_batches))
+      yield stream
+  return _read_columnar(path, schema, bad_records, "Arrow", batches)
 
 
 def read_text(path: str, *, mode: str = "lines", bad_records: str = "error") -> RecordList:
