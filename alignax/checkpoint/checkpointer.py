@@ -3,7 +3,6 @@ meta, checksums), saving asynchronously and restoring the newest step that verif
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -17,8 +16,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from alignax.errors import CheckpointError
-from alignax.models.config import ModelConfig
 from alignax.checkpoint.config import CheckpointConfig
+from alignax.checkpoint.resume import MODEL_DEFAULTS
 from alignax.checkpoint.integrity import (CHECKSUM_ITEM, ITEM_NAMES, JSON_ITEMS, DamagedStep,
                                           check_json_items, check_state, console, json_value,
                                           step_checksums)
@@ -127,9 +126,9 @@ class Checkpointer:
 
   def _check_compatible(self, step: int, saved: dict) -> None:
     # A key newer than the checkpoint takes its default (what the older alignax built).
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    saved_model = {k: saved.get("model", {}).get(k, defaults.get(k)) for k in SHAPE_KEYS}
-    current_model = {k: self.config.get("model", {}).get(k, defaults.get(k)) for k in SHAPE_KEYS}
+    def shapes(config):
+      return {k: config.get("model", {}).get(k, MODEL_DEFAULTS.get(f"model.{k}")) for k in SHAPE_KEYS}
+    saved_model, current_model = shapes(saved), shapes(self.config)
     diffs = model_differences(saved_model, current_model)
     if diffs:
       raise CheckpointError(

@@ -34,8 +34,8 @@ RESUME_FREE_KEYS = (
 )
 RESUME_CHANGED = ("refuse", "allow")  # the values of train.resume_changed
 _ABSENT = object()
-# What an alignax older than a model field built: the field's default.
-_MODEL_DEFAULTS = {f"model.{f.name}": json_value(f.default) for f in dataclasses.fields(ModelConfig)}
+# What an alignax older than a model field built: the field's default ("model.<field>": value).
+MODEL_DEFAULTS = {f"model.{f.name}": json_value(f.default) for f in dataclasses.fields(ModelConfig)}
 
 
 def resume_free(key: str) -> bool:
@@ -82,8 +82,8 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
   out = []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-    if a is _ABSENT and key in _MODEL_DEFAULTS:  # a model field newer than the checkpoint
-      a = _MODEL_DEFAULTS[key]
+    if a is _ABSENT and key in MODEL_DEFAULTS:  # a model field newer than the checkpoint
+      a = MODEL_DEFAULTS[key]
     if resume_free(key) or (a is not _ABSENT and b is not _ABSENT and _same(a, b)):
       continue
     out.append(f"{key}: checkpoint has {_show(a)}, config has {_show(b)}")

@@ -90,7 +90,12 @@ def static_inverse_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
   if cfg.rope_scaling == "yarn":
     scale = cfg.rope_attention_factor or yarn_attention_factor(cfg.rope_factor)
     return _yarn(cfg, dim), scale
-  return _plain(dim, cfg.rope_theta), 1.0
+  raise ValueError(f"model.rope_scaling={cfg.rope_scaling!r} is not a static variant")
+
+
+def _traced_plain(dim: int, base) -> Array:
+  """[D/2] float32 plain inverse frequencies, computed in the trace (`base` may be traced)."""
+  return 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
 def _dynamic_inverse_frequencies(cfg: ModelConfig, positions: Array) -> Array:
@@ -98,8 +103,7 @@ def _dynamic_inverse_frequencies(cfg: ModelConfig, positions: Array) -> Array:
   dim, factor, original = cfg.dim_per_head, cfg.rope_factor, cfg.rope_original_max_len
   seq_len = jnp.maximum(jnp.max(positions) + 1, original).astype(jnp.float32)
   base = cfg.rope_theta * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
-  exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-  return 1.0 / (base ** exponents)
+  return _traced_plain(dim, base)
 
 
 def rotary_tables(positions: Array, cfg: ModelConfig) -> tuple[Array, Array]:
@@ -109,8 +113,7 @@ def rotary_tables(positions: Array, cfg: ModelConfig) -> tuple[Array, Array]:
   """
   if cfg.rope_scaling == "none":
     # Plain RoPE computed in the trace, exactly as before the scaled variants existed.
-    dim = cfg.dim_per_head
-    inv_freq, scale = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)), 1.0
+    inv_freq, scale = _traced_plain(cfg.dim_per_head, cfg.rope_theta), 1.0
   elif cfg.rope_scaling == "dynamic":
     inv_freq, scale = _dynamic_inverse_frequencies(cfg, positions), 1.0
   else:

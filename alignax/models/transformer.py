@@ -39,6 +39,11 @@ def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal", 
   return nnx.Param(value.astype(cfg.weight_dtype), logical_axes=axes)
 
 
+def rms_normalize(xf: Array, eps: float) -> Array:
+  """float32 `xf` divided by its root mean square over the last axis (eps inside the root)."""
+  return xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + eps)
+
+
 class Norm(nnx.Module):
   """LayerNorm (scale and bias) or RMSNorm (scale), computed in float32."""
 
@@ -52,8 +57,7 @@ class Norm(nnx.Module):
     xf = x.astype(jnp.float32)
     if self.kind == "layernorm":
       xf = xf - xf.mean(-1, keepdims=True)
-    y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + self.eps)
-    y = y * self.scale[...].astype(jnp.float32)
+    y = rms_normalize(xf, self.eps) * self.scale[...].astype(jnp.float32)
     if self.kind == "layernorm":
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(x.dtype)
@@ -61,9 +65,8 @@ class Norm(nnx.Module):
 
 def head_rms_norm(x: Array, scale, eps: float) -> Array:
   """RMSNorm of [B, T, H, Dh] over each head's Dh (Qwen3's q/k norm), computed in float32."""
-  xf = x.astype(jnp.float32)
-  y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + eps)
-  return (y * scale[...].astype(jnp.float32)).astype(x.dtype)
+  y = rms_normalize(x.astype(jnp.float32), eps) * scale[...].astype(jnp.float32)
+  return y.astype(x.dtype)
 
 
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

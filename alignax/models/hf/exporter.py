@@ -15,7 +15,7 @@ from alignax.models.hf.safetensors_io import _safetensors
 from alignax.models.hf.tensors import _flat_abstract, _flatten, rules_for
 
 
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": "bfloat16"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _shards(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[str, np.ndarray]]:
@@ -52,7 +52,7 @@ def _write_weights(tensors: dict[str, np.ndarray], dst_dir: str, max_bytes: int 
 
 def export_hf(params, cfg: ModelConfig, dst_dir: str, architecture: str | None = None,
               tokenizer=None, *, dtype: str | None = None, max_shard_bytes: int | None = None,
-              eos_ids: tuple[int, ...] | None = None, chat_template: str | None = None) -> str:
+              chat_template: str | None = None) -> str:
   """Writes `config.json` + safetensors weights that `AutoModelForCausalLM.from_pretrained` loads.
 
   Args:
@@ -65,7 +65,6 @@ def export_hf(params, cfg: ModelConfig, dst_dir: str, architecture: str | None =
       with the added role markers, its chat template kept).
     dtype: "float32", "bfloat16" or "float16" to store (default: the params' own).
     max_shard_bytes: cut the weights into files of at most this size, with an index.
-    eos_ids: the ids that end a reply (generation_config.json; default the tokenizer's eos).
     chat_template: a Jinja chat template for tokenizer_config.json (default: the source
       tokenizer's own, if it has one).
 
@@ -96,8 +95,7 @@ def export_hf(params, cfg: ModelConfig, dst_dir: str, architecture: str | None =
     else:
       tensors[rule.hf] = np.ascontiguousarray(rule.to_hf(*arrays))
   if dtype is not None:
-    target = np.dtype(DTYPES[dtype]) if dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
-    tensors = {k: v.astype(target) for k, v in tensors.items()}
+    tensors = {k: v.astype(jax.numpy.dtype(dtype)) for k, v in tensors.items()}
   dt = next(iter(tensors.values())).dtype
   if hf["model_type"] == "qwen2" and not cfg.qkv_bias:
     # Qwen2 always has q/k/v biases: zeros give the same function.
@@ -111,8 +109,7 @@ def export_hf(params, cfg: ModelConfig, dst_dir: str, architecture: str | None =
   with open(os.path.join(dst_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf, f, indent=2)
   if tokenizer is not None:
-    eos = list(eos_ids or (int(tokenizer.eos_id),))
-    generation = dict(bos_token_id=int(tokenizer.bos_id), eos_token_id=eos if len(eos) > 1 else eos[0],
+    generation = dict(bos_token_id=int(tokenizer.bos_id), eos_token_id=int(tokenizer.eos_id),
                       pad_token_id=int(tokenizer.pad_id))
     with open(os.path.join(dst_dir, "generation_config.json"), "w", encoding="utf-8") as f:
       json.dump(generation, f, indent=2)
