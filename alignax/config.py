@@ -20,6 +20,7 @@ from alignax.data.config import DataConfig
 from alignax.errors import ConfigError
 from alignax.sections import require
 from alignax.models.config import ModelConfig
+from alignax.models.lora import LoraConfig
 from alignax.parallel import ParallelConfig
 from alignax.tasks.world import WorldConfig
 from alignax.train.config import EvalConfig, OptimizerConfig, TrainConfig
@@ -49,6 +50,7 @@ class RunConfig:
   parallel: ParallelConfig
   eval: EvalConfig
   world: WorldConfig | None = None  # the built-in world's `world.*`, when the config has one
+  lora: LoraConfig = LoraConfig()  # `model.lora.*`: adapters instead of full fine-tuning
 
 
 def section(cls, **overrides) -> ConfigDict:
@@ -66,8 +68,19 @@ def section(cls, **overrides) -> ConfigDict:
 
 
 def model_section(**overrides) -> ConfigDict:
-  """`model.*`: the fields of `ModelConfig` (its defaults: the 4.46M Llama-style CPU model)."""
-  return section(ModelConfig, **overrides)
+  """`model.*`: the fields of `ModelConfig` (its defaults: the 4.46M Llama-style CPU model),
+  and `model.lora.*` (`LoraConfig`: off by default)."""
+  lora = section(LoraConfig, **overrides.pop("lora", {}))
+  c = section(ModelConfig, **overrides)
+  c.lora = lora
+  return c
+
+
+def split_model_section(model) -> tuple[ModelConfig, LoraConfig]:
+  """(ModelConfig, LoraConfig) of a `model.*` section (a ConfigDict or dict)."""
+  values = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+  return ModelConfig.from_mapping({k: v for k, v in values.items() if k != "lora"}), \
+      LoraConfig.from_mapping(values.get("lora"))
 
 
 def eval_section(**overrides) -> ConfigDict:
@@ -137,7 +150,7 @@ def resolve(cfg: ConfigDict) -> RunConfig:
   """The typed, validated shared sections of a stage's config. Raises ConfigError naming the key."""
   require(bool(cfg.get("workdir")), "workdir", "must be set (--config.workdir=DIR)")
   try:
-    model = ModelConfig.from_mapping(cfg.model.to_dict())
+    model, lora = split_model_section(cfg.model)
   except ConfigError:
     raise
   except (ValueError, TypeError) as e:
@@ -153,7 +166,7 @@ def resolve(cfg: ConfigDict) -> RunConfig:
       checkpoint=CheckpointConfig.from_mapping(cfg.checkpoint),
       parallel=ParallelConfig.from_mapping(cfg.parallel),
       eval=EvalConfig.from_mapping(cfg.get("eval") or {}),
-      world=WorldConfig.from_mapping(cfg.world) if "world" in cfg else None)
+      world=WorldConfig.from_mapping(cfg.world) if "world" in cfg else None, lora=lora)
 
 
 def load_config_file(path: str, preset: str | None = None) -> ConfigDict:

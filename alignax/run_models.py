@@ -45,7 +45,7 @@ def run_params(workdir: str):
   progress or stopped early; the model and tokenizer then come from its config.json), which a
   line on stderr says."""
   from alignax.checkpoint_params import checkpoint_steps, load_latest_params
-  from alignax.models.config import ModelConfig
+  from alignax.config import split_model_section
   if ckpt_lib.has_export(workdir):
     meta = ckpt_lib.read_export_meta(workdir)
     params, _ = ckpt_lib.load_export(workdir)
@@ -56,7 +56,11 @@ def run_params(workdir: str):
   params, step = load_latest_params(workdir)
   print(f"alignax: {workdir} has no export yet: using its checkpoint at step {step}",
         file=sys.stderr, flush=True)
-  model_cfg = ModelConfig.from_mapping(cfg.model.to_dict())
+  model_cfg, lora_cfg = split_model_section(cfg.model)
+  if lora_cfg.enabled:
+    raise ckpt_lib.CheckpointError(
+        f"{workdir} is a LoRA run without an export yet: its checkpoints hold only the adapters; "
+        "finish the run (its export holds the merged model)")
   return params, cfg.stage, cfg.tokenizer, model_cfg, f"checkpoint step {step}"
 
 

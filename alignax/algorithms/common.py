@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from alignax import parallel
 from alignax.data.batching import BatchOptions
 from alignax.data.datasets import Datasets, get_datasets
 from alignax.models import LanguageModel, abstract_lm, build_lm
+from alignax.models import lora
 from alignax.models.config import ModelConfig
 from alignax.train.state import TrainState
 
@@ -50,11 +52,30 @@ def load_lm_export(workdir: str, model: ModelConfig | None = None, placement=Non
   return lm, params
 
 
+def with_lora(config, params):
+  """(params, reference) of a run that starts from `params`: with `model.lora.rank` > 0 the LM
+  states inside `params` gain fresh adapters (`alignax.models.lora.attach`, sharing `params`'
+  arrays) and the reference is None (the frozen base serves as the reference); otherwise a copy
+  of `params` to train and `params` itself as the reference."""
+  if config.lora.enabled:
+    return attach_lora(config, params), None
+  return jax.tree.map(jnp.copy, params), params
+
+
+def attach_lora(config, params):
+  """`params` with fresh adapters on its LM states when `model.lora.rank` > 0, else `params`."""
+  if not config.lora.enabled:
+    return params
+  return lora.attach(params, config.lora, jax.random.fold_in(jax.random.key(config.seed), 0x10a))
+
+
 def init_lm_state(placement: parallel.Placement, model: ModelConfig, optimizer, seed: int,
-                  params=None, extra_fn: Callable | None = None) -> tuple[LanguageModel, TrainState]:
+                  params=None, extra_fn: Callable | None = None,
+                  config=None) -> tuple[LanguageModel, TrainState]:
   """The model and a TrainState on the mesh: fresh params from `seed`, or `params` (already loaded).
 
-  `extra_fn(params) -> pytree` builds algorithm-specific state (e.g. reference params).
+  `extra_fn(params) -> pytree` builds algorithm-specific state (e.g. reference params). With
+  loaded `params` and a `config` (a RunConfig) asking for LoRA, the params gain adapters.
   """
   lm, _ = abstract_lm(model)
   key = jax.random.key(seed)
@@ -65,6 +86,8 @@ def init_lm_state(placement: parallel.Placement, model: ModelConfig, optimizer, 
                                extra=extra_fn(p) if extra_fn else None)
     return lm, parallel.init_sharded(placement, init)
   params = jax.device_put(params, placement.state_sharding(params))
+  if config is not None:
+    params = attach_lora(config, params)
   state = TrainState.create(params, optimizer, jax.random.fold_in(key, 1),
                             extra=extra_fn(params) if extra_fn else None)
   return lm, placement.put_state(state)

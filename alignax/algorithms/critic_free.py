@@ -9,10 +9,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from alignax.algorithms.common import init_section, load_lm_export
-from alignax.algorithms.online import (RLState, common_validate, copy_tree,
-                                       load_reward, prompt_batches, prompt_source, row_mean, sample,
-                                       update_epochs, validate_kl, world_evaluate)
+from alignax.algorithms.common import init_section, load_lm_export, with_lora
+from alignax.algorithms.online import (RLState, common_validate, load_reward, prompt_batches, prompt_source, row_mean, sample,
+                                       reference_params, update_epochs, validate_kl,
+                                       world_evaluate)
 from alignax.algorithms.reward_sources import (RewardSources, check_rewards_after_step,
                                                make_reward_sources, rewards_section)
 from alignax.config import ConfigDict, ConfigError, base_config, world_section
@@ -148,7 +148,7 @@ def make_group_iteration(lm, sources: RewardSources, optimizer, gcfg, sampling: 
         lm, p, batch["tokens"], batch["mask"], r.tokens, mask, g, temp))
     # On-policy, the sampler's logprobs are the sampling distribution's.
     old_logp = r.logprobs if on_policy else grouped(params)
-    ref_logp = grouped(extra.ref) if kl_in != "none" else jnp.zeros_like(old_logp)
+    ref_logp = grouped(reference_params(state)) if kl_in != "none" else jnp.zeros_like(old_logp)
     scores, reward_ok, score_m = sources.score(extra, r, index)
     beta = extra.kl_coef
     seq_kl = jnp.sum(rl.kl_per_token(old_logp, ref_logp, "k1") * mask, axis=1)
@@ -196,8 +196,9 @@ def build_group_run(ctx, algorithm, advantages, clip_range):
   sources_ = make_reward_sources(cfg, ctx.tokenizer, records, reward_model)
   updates = config.train.steps * int(gcfg.num_iterations) * int(gcfg.num_minibatches)
   optimizer = make_optimizer(config.optimizer, updates)
-  extra = RLState(ref=init_params, reward=rm_params, kl_coef=jnp.asarray(float(gcfg.kl_coef), jnp.float32))
-  state = TrainState.create(copy_tree(init_params), optimizer, jax.random.key(config.seed), extra=extra,
+  params, ref = with_lora(config, init_params)
+  extra = RLState(ref=ref, reward=rm_params, kl_coef=jnp.asarray(float(gcfg.kl_coef), jnp.float32))
+  state = TrainState.create(params, optimizer, jax.random.key(config.seed), extra=extra,
                             hparams=algorithm.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   sampling = SamplingConfig(temperature=float(gcfg.temperature), max_new_tokens=int(gcfg.max_new_tokens))

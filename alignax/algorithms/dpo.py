@@ -29,7 +29,7 @@ from absl import logging
 from alignax import checkpoint as ckpt_lib
 from alignax import parallel
 from alignax.algorithms.base import Algorithm
-from alignax.algorithms.common import batch_options, load_lm_export, stage_datasets
+from alignax.algorithms.common import batch_options, load_lm_export, stage_datasets, with_lora
 from alignax.algorithms.reference_cache import (
   load_cached_reference,
   reference_cache_key,
@@ -39,6 +39,7 @@ from alignax.config import ConfigDict, ConfigError
 from alignax.data import pipeline, sources
 from alignax.losses.lm import next_token_logprobs, sequence_logprobs
 from alignax.losses.preference import LOSS_TYPES, dpo_loss, kto_loss
+from alignax.models import lora
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
 from alignax.train.runner import StageContext
@@ -67,11 +68,12 @@ def pair_logps(lm, params, batch):
   return logps[:b], logps[b:]
 
 
-def reference_pair_logps(lm, batch, extra):
-  """Reference sums: precomputed ones riding in the batch, else a forward of `extra["ref"]`."""
+def reference_pair_logps(lm, batch, extra, params):
+  """Reference sums: precomputed ones riding in the batch, else a forward of `extra["ref"]`
+  (of the base model with the adapters off, for a LoRA run)."""
   if "ref_chosen" in batch:
     return batch["ref_chosen"], batch["ref_rejected"]
-  rc, rr = pair_logps(lm, extra["ref"], batch)
+  rc, rr = pair_logps(lm, lora.reference(extra["ref"], params), batch)
   return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
 
 
@@ -88,7 +90,7 @@ def make_dpo_loss(lm, loss_type: str):
     pc, pr = pair_logps(lm, params, batch)
     rc = rr = None
     if loss_type not in REFERENCE_FREE:
-      rc, rr = reference_pair_logps(lm, batch, extra)
+      rc, rr = reference_pair_logps(lm, batch, extra, params)
     return dpo_loss(loss_type, pc, pr, rc, rr, beta=hparams["beta"],
                     label_smoothing=hparams["label_smoothing"], gamma=hparams["gamma"],
                     len_chosen=batch["chosen"]["response_len"].astype(jnp.float32),
@@ -135,10 +137,11 @@ def make_kto_loss(lm):
     every completion alike), `metrics` {name: scalar}."""
     lm_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
     policy = sequence_logps(lm, params, lm_batch)
-    ref = jax.lax.stop_gradient(sequence_logps(lm, extra["ref"], lm_batch))
+    ref_params = lora.reference(extra["ref"], params)
+    ref = jax.lax.stop_gradient(sequence_logps(lm, ref_params, lm_batch))
     kl_batch = mismatched_pairs(lm_batch)
     kl_policy = sequence_logps(lm, params, kl_batch)
-    kl_ref = sequence_logps(lm, extra["ref"], kl_batch)
+    kl_ref = sequence_logps(lm, ref_params, kl_batch)
     w = batch["valid"]
     z = jax.lax.stop_gradient(jnp.sum((kl_policy - kl_ref) * w) / jnp.maximum(jnp.sum(w), 1.0))
     return kto_loss(policy, ref, batch["label"], z, beta=hparams["beta"],
@@ -250,7 +253,7 @@ class PreferenceEval:
       if self.ctx.cfg.dpo.loss_type != "kto":
         out["rewards/accuracy"] = acc / max(count, 1.0)
     if self.world_eval is not None:
-      out.update(self.world_eval(state.params, int(state.step), reference=(self.lm, state.extra["ref"])))
+      out.update(self.world_eval(state.params, int(state.step), reference=(self.lm, lora.reference(state.extra["ref"], state.params))))
     return out
 
 
@@ -279,9 +282,11 @@ def build_run(ctx: StageContext) -> Run:
                                         reference_cache_key(ctx, splits["train"], reference_args))
     train_iter = WithReference(train_iter, ref_c, ref_r)
   optimizer = make_optimizer(config.optimizer, config.train.steps)
-  # The reference rides in `extra` (needed for on-the-fly reference logprobs, KTO and eval KL).
-  state = TrainState.create(jax.tree.map(jnp.copy, sft_params), optimizer, jax.random.key(config.seed),
-                            extra={"ref": sft_params}, hparams=ALGORITHM.hparams_of(cfg))
+  # The reference rides in `extra` (needed for on-the-fly reference logprobs, KTO and eval KL);
+  # a LoRA run's reference is its own frozen base, so it holds no second copy.
+  params, ref = with_lora(config, sft_params)
+  state = TrainState.create(params, optimizer, jax.random.key(config.seed),
+                            extra={"ref": ref}, hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   loss_fn = make_kto_loss(lm) if kto else make_dpo_loss(lm, dcfg.loss_type)
   step = make_train_step(loss_fn, optimizer, accum_steps=config.train.accum_steps,

@@ -32,6 +32,7 @@ from alignax.data import pipeline, sources
 from alignax.generation.sampler import Rollout, SamplingConfig, generate
 from alignax.generation.scoring import response_logprobs
 from alignax.losses import rl
+from alignax.models import lora
 from alignax.train.state import TrainState
 from alignax.train.step import guarded_update, record_finiteness
 
@@ -130,10 +131,16 @@ def validate_kl(section: str, placement: str, estimator: str) -> None:
                       f"refused: {why}")
 
 
-def reference_logprobs(lm, rl_state: RLState, rollout: Rollout, temperature) -> jax.Array:
+def reference_params(state: TrainState):
+  """The frozen reference policy: `extra.ref`, or for a LoRA run (which holds no copy) the
+  policy's base with the adapters off."""
+  return lora.reference(state.extra.ref, policy_params(state))
+
+
+def reference_logprobs(lm, ref_params, rollout: Rollout, temperature) -> jax.Array:
   """[B, N] log pi_ref of the sampled tokens (no gradient)."""
   return jax.lax.stop_gradient(
-      response_logprobs(lm, rl_state.ref, *rollout_args(rollout), temperature))
+      response_logprobs(lm, ref_params, *rollout_args(rollout), temperature))
 
 
 # ------------------------------------------------------------------------------------ update
@@ -173,7 +180,9 @@ def update_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, st
 
   def minibatch_step(carry, mb):
     params, opt_state, all_ok = carry
-    (total, (count, m)), grads = jax.value_and_grad(objective, has_aux=True)(params, mb)
+    trainable, frozen = lora.partition(params)  # LoRA: adapters (and heads) only
+    (total, (count, m)), grads = jax.value_and_grad(
+        lambda t, mb: objective(lora.combine(t, frozen), mb), has_aux=True)(trainable, mb)
     if axis_name is not None:
       total, count, grads = jax.lax.psum((total, count, grads), axis_name)
       m = jax.lax.pmean(m, axis_name)
@@ -264,7 +273,7 @@ def world_evaluate(ctx, lm, reward_model):
       # over-optimization (Gao et al. 2022).
       proxy = lambda samples: score_samples(reward_model, state.extra.reward, samples,
                                             config.eval.batch_size)
-    return world_eval(policy_params(state), int(state.step), reference=(lm, state.extra.ref), proxy=proxy)
+    return world_eval(policy_params(state), int(state.step), reference=(lm, reference_params(state)), proxy=proxy)
   return evaluate
 
 
@@ -291,6 +300,13 @@ def common_validate(cfg, section: str) -> None:
   check(s.temperature > 0, "temperature", "must be > 0 (the update needs the sampling distribution's "
         "logprobs)")
   check(s.kl_coef >= 0, "kl_coef", "must be >= 0")
+  lora_cfg = cfg.model.get("lora") or {}
+  if lora_cfg.get("rank", 0) > 0 and lora_cfg.get("dropout", 0.0) > 0:
+    # The rollout's logprobs would come from one network and the update's from another (a
+    # dropped-out one), so the ratio and the KL would carry dropout noise; TRL turns dropout off
+    # in its RL trainers too.
+    raise ConfigError("config.model.lora.dropout: must be 0 in the RL stages (ratios and the KL "
+                      "would compare the rollout's network with a dropped-out one)")
   check(s.prompt_len + s.max_new_tokens <= cfg.model.max_seq_len, "max_new_tokens",
         f"prompt_len + max_new_tokens exceeds model.max_seq_len={cfg.model.max_seq_len}")
   check(s.num_minibatches >= 1, "num_minibatches", "must be >= 1")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignax.algorithms.common import load_lm_export
+from alignax.algorithms.common import load_lm_export, with_lora
 from alignax.algorithms import online, reward_sources
 from alignax.algorithms.base import Algorithm
 from alignax.algorithms.reward import member_params
@@ -56,7 +56,7 @@ def rollout(lm, value_model, sources: reward_sources.RewardSources, pcfg, sampli
   mask, temp = r.mask, sampling.temperature
   args = online.rollout_args(r)
   old_logp, entropy = response_logprobs_and_entropy(lm, params["policy"], *args, temp)
-  ref_logp = online.reference_logprobs(lm, extra, r, temp)
+  ref_logp = online.reference_logprobs(lm, online.reference_params(state), r, temp)
   old_values = response_values(value_model, params["value"], *args)
   raw_scores, reward_ok, score_m = sources.score(extra, r, index)
   scores = raw_scores
@@ -185,9 +185,11 @@ def build_run(ctx: StageContext) -> Run:
   value_model, value_params = member_params(reward_model, rm_params, 0)
   sources = reward_sources.make_reward_sources(cfg, ctx.tokenizer, records, reward_model)
   optimizer = make_optimizer(config.optimizer, config.train.steps * int(pcfg.epochs) * int(pcfg.num_minibatches))
-  extra = online.RLState(ref=sft_params, reward=rm_params if sources.uses_model else None,
+  policy, ref = with_lora(config, sft_params)
+  value, _ = with_lora(config, value_params)
+  extra = online.RLState(ref=ref, reward=rm_params if sources.uses_model else None,
                          kl_coef=jnp.asarray(float(pcfg.kl_coef), jnp.float32))
-  state = TrainState.create({"policy": online.copy_tree(sft_params), "value": online.copy_tree(value_params)},
+  state = TrainState.create({"policy": policy, "value": value},
                             optimizer, jax.random.key(config.seed), extra=extra,
                             hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)

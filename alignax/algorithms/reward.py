@@ -33,7 +33,7 @@ from alignax import checkpoint as ckpt_lib
 from alignax import parallel
 from alignax.tasks import evaluation
 from alignax.algorithms.base import Algorithm
-from alignax.algorithms.common import load_lm_export, stage_datasets
+from alignax.algorithms.common import attach_lora, load_lm_export, stage_datasets
 from alignax.algorithms.world_eval import eval_prompt_records
 from alignax.config import ConfigDict, ConfigError
 from alignax.data import sources
@@ -176,6 +176,7 @@ def build_run(ctx: StageContext) -> Run:
 
   def init():
     _, params = build_scalar_model(ctx.model, jax.random.fold_in(key, 0), backbone=sft_params)
+    params = attach_lora(config, params)
     return TrainState.create(params, optimizer, jax.random.fold_in(key, 1),
                              hparams=ALGORITHM.hparams_of(cfg))
 

@@ -31,7 +31,8 @@ def build_run(ctx: StageContext) -> Run:
   data = stage_datasets(ctx, "sft")
   optimizer = make_optimizer(config.optimizer, config.train.steps)
   _, params = load_lm_export(ctx.cfg.init.workdir, ctx.model, ctx.placement)
-  lm, state = init_lm_state(ctx.placement, ctx.model, optimizer, config.seed, params=params)
+  lm, state = init_lm_state(ctx.placement, ctx.model, optimizer, config.seed, params=params,
+                             config=config)
   step = make_train_step(lm_loss(lm), optimizer, accum_steps=config.train.accum_steps,
                          nonfinite_policy=config.train.nonfinite)
   loss_eval = make_lm_evaluate(ctx, lm, data.eval)

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from alignax.errors import CheckpointError
+from alignax.models import lora
 from alignax.checkpoint.config import CheckpointConfig
 from alignax.checkpoint.resume import MODEL_DEFAULTS
 from alignax.checkpoint.integrity import (CHECKSUM_ITEM, ITEM_NAMES, JSON_ITEMS, DamagedStep,
@@ -41,6 +42,21 @@ def _abstract(tree, shardings=None):
   if shardings is None:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def saved_part(state):
+  """What a checkpoint holds of `state`: all of it, except the frozen base models of a LoRA run
+  (they are its `init` export, reloaded at start-up), so its checkpoints hold adapters only."""
+  if not lora.has_lora(getattr(state, "params", None)):
+    return state
+  return state.replace(params=lora.trainable_of(state.params))
+
+
+def with_frozen_of(restored, current):
+  """`restored` (a `saved_part`) with the frozen bases of `current` put back."""
+  if not lora.has_lora(getattr(current, "params", None)):
+    return restored
+  return restored.replace(params=lora.combine(restored.params, lora.partition(current.params)[1]))
 
 
 def model_differences(saved: dict, current: dict) -> list[str]:
@@ -179,6 +195,7 @@ class Checkpointer:
     steps = [step] if step is not None else self.steps()[::-1]
     if not steps:
       return None
+    full_state, state = state, saved_part(state)
     shardings = self.state_sharding(state) if self.state_sharding else None
     target = _abstract(state, shardings)
     errors, damaged = [], []
@@ -208,7 +225,7 @@ class Checkpointer:
         console(msg)
       logging.info("restored checkpoint step %d from %s", s, self.directory)
       self.last_saved = s
-      return restored
+      return with_frozen_of(restored, full_state)
     raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
 
   def maybe_save(self, step: int, state, batches=None, force: bool = False) -> bool:
@@ -220,6 +237,7 @@ class Checkpointer:
     """
     if self.last_saved == step:
       return False
+    state = saved_part(state)
     halted = int(np.asarray(jax.device_get(state.halted_at)).max())  # [M] for a sweep's members
     if halted >= 0:
       logging.error("not saving step %d: the run halted on a non-finite step %d; the last good "

@@ -11,16 +11,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from alignax.errors import CheckpointError
 from alignax.checkpoint.checkpointer import library_versions
 from alignax.checkpoint.integrity import leaf_name
+from alignax.models import lora
 from alignax.models.config import ModelConfig
 
 
 EXPORT_DIR = "export"
+LORA_DIR = "lora"  # inside the export: a LoRA run's adapters on their own
 
 
 def export_path(workdir: str) -> str:
@@ -37,7 +40,16 @@ def save_export(workdir: str, params, *, model: ModelConfig, stage: str, tokeniz
 
   `export.json` is written last, so its presence marks a complete export. Params that are not
   all finite raise CheckpointError before anything is touched, so an earlier export survives.
+
+  LoRA params are exported merged (W + (alpha / rank) A @ B: an ordinary export every later
+  stage and command reads), and an LM's adapters are also written on their own to
+  export/lora/ (`adapters.safetensors` with keys like "blocks/attn/wq/a", and `lora.json`), for
+  `alignax export-hf --lora=peft`.
   """
+  adapters = [a for path, a in lora.adapter_arrays(params) if path == ()]
+  lora_meta = lora.describe(params) if adapters else None
+  if lora.has_lora(params):
+    params = lora.merged(params)
   pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
   check_finite_export(workdir, pure)
   path = export_path(workdir)
@@ -47,14 +59,29 @@ def save_export(workdir: str, params, *, model: ModelConfig, stage: str, tokeniz
     ckptr.save(os.path.join(path, "params"), pure)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
+    if adapters:
+      write_adapters(os.path.join(path, LORA_DIR), adapters[0], lora_meta)
     meta = {"stage": stage, "tokenizer": tokenizer, "chat_template": chat_template,
-            "model": _model_dict(model), "extra": extra or {},
+            "model": _model_dict(model), "extra": extra or {}, "lora": lora_meta,
             "versions": library_versions(), "time": time.time()}
     tmp = os.path.join(path, "export.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2, default=str)
     os.replace(tmp, os.path.join(path, "export.json"))
   return path
+
+
+def write_adapters(directory: str, adapters: dict, lora_meta: dict) -> None:
+  """`adapters.safetensors` ({"blocks/<group>/<name>/a": [L, n_in, r], ".../b": [L, r, n_out]})
+  and `lora.json` (rank, alpha, dropout, targets) in `directory`."""
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  groups = {name: lora.TARGETS[name][0] for name in adapters}
+  flat = {f"blocks/{groups[name]}/{name}/{part}": np.asarray(jax.device_get(x))
+          for name, ab in adapters.items() for part, x in ab.items()}
+  save_file(flat, os.path.join(directory, "adapters.safetensors"))
+  with open(os.path.join(directory, "lora.json"), "w", encoding="utf-8") as f:
+    json.dump(lora_meta, f, indent=2)
 
 
 def nonfinite_leaves(tree) -> list[str]:

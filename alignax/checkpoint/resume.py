@@ -11,6 +11,7 @@ from absl import logging
 
 from alignax.errors import CheckpointError
 from alignax.models.config import ModelConfig
+from alignax.models.lora import LoraConfig
 from alignax.checkpoint.integrity import (DamagedStep, console, json_value, read_verified_json,
                                           saved_steps)
 
@@ -36,6 +37,7 @@ RESUME_CHANGED = ("refuse", "allow")  # the values of train.resume_changed
 _ABSENT = object()
 # What an alignax older than a model field built: the field's default ("model.<field>": value).
 MODEL_DEFAULTS = {f"model.{f.name}": json_value(f.default) for f in dataclasses.fields(ModelConfig)}
+MODEL_DEFAULTS.update({f"model.lora.{f.name}": json_value(f.default) for f in dataclasses.fields(LoraConfig)})
 
 
 def resume_free(key: str) -> bool:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignax.models.config import ModelConfig
+from alignax.models.lora import merge_module
 from alignax.models.transformer import Transformer
 
 Array = jax.Array
@@ -48,7 +49,7 @@ class ScalarHeadModel:
 
   def values(self, params, tokens, positions, segment_ids) -> Array:
     """Per-token scalars [B, T] float32."""
-    return nnx.merge(self.graphdef, params)(tokens, positions, segment_ids)
+    return merge_module(self.graphdef, params)(tokens, positions, segment_ids)
 
 
 ENSEMBLE_MODES = ("mean", "mean_minus_std", "mean_minus_var", "min")

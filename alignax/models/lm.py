@@ -15,6 +15,7 @@ import jax
 from flax import nnx
 
 from alignax.models.config import ModelConfig
+from alignax.models.lora import merge_module
 from alignax.models.transformer import Transformer, init_cache
 
 
@@ -24,7 +25,8 @@ class LanguageModel:
   graphdef: nnx.GraphDef
 
   def module(self, params) -> Transformer:
-    return nnx.merge(self.graphdef, params)
+    """The module of `params` (plain, or holding LoRA adapters: `alignax.models.lora`)."""
+    return merge_module(self.graphdef, params)
 
   def apply(self, params, tokens, positions, segment_ids, cache=None):
     """(logits [B, T, V] float32, cache). See `Transformer.hidden` for the arguments."""

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignax.models.config import ModelConfig
+from alignax.models.lora import matmul
 from alignax.models.rope import rope, rotary_tables
 from alignax.sharding import constrain
 
@@ -128,16 +129,15 @@ class Attention(nnx.Module):
     # Projections as 2-D matmuls over all B*T tokens: XLA:CPU runs them (and their gradients)
     # far faster than the same contraction written over [B, T, d].
     x2 = x.reshape(b * t, d)
-    def project(w, bias):
-      heads = w.shape[1]
-      y = x2 @ w[...].astype(dt).reshape(d, -1)
+    def project(w, bias, heads):
+      y = matmul(x2, w, dt)
       if bias is not None:
         y = y + bias[...].astype(dt).reshape(-1)
       return y.reshape(b, t, heads, -1)
     biased = cfg.qkv_biased
-    q = project(self.wq, self.bq if biased else None)
-    k = project(self.wk, self.bk if biased else None)
-    v = project(self.wv, self.bv if biased else None)
+    q = project(self.wq, self.bq if biased else None, cfg.n_heads)
+    k = project(self.wk, self.bk if biased else None, cfg.kv_heads)
+    v = project(self.wv, self.bv if biased else None, cfg.kv_heads)
     if cfg.qk_norm:
       q, k = head_rms_norm(q, self.q_norm, cfg.norm_eps), head_rms_norm(k, self.k_norm, cfg.norm_eps)
     if rotary is not None:
@@ -151,7 +151,7 @@ class Attention(nnx.Module):
       k_all, v_all = put(k_all, k), put(v_all, v)
       kv_cache = (k_all, v_all)
       out = cached_attention(q, k_all.astype(dt), v_all.astype(dt), mask)
-    out = out.reshape(b * t, -1) @ self.wo[...].astype(dt).reshape(-1, d)
+    out = matmul(out.reshape(b * t, -1), self.wo, dt)
     if cfg.out_biased:
       out = out + self.bo[...].astype(dt)
     return out.reshape(b, t, d), kv_cache
@@ -178,17 +178,17 @@ class Mlp(nnx.Module):
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # 2-D matmuls (see Attention)
     biased = self.cfg.mlp_biased
-    h = x @ self.w_in[...].astype(dt)
+    h = matmul(x, self.w_in, dt)
     if biased:
       h = h + self.b_in[...].astype(dt)
     if self.cfg.mlp == "swiglu":
-      gate = x @ self.w_gate[...].astype(dt)
+      gate = matmul(x, self.w_gate, dt)
       if biased:
         gate = gate + self.b_gate[...].astype(dt)
       h = jax.nn.silu(gate) * h
     else:
       h = jax.nn.gelu(h, approximate=True)
-    out = h @ self.w_out[...].astype(dt)
+    out = matmul(h, self.w_out, dt)
     if biased:
       out = out + self.b_out[...].astype(dt)
     return out.reshape(shape)

@@ -79,6 +79,9 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
     config = resolve(cfg)
     parallel.maybe_initialize_distributed(config.parallel.distributed)
     model = config.model
+    if config.lora.enabled and config.stage == "pretrain":
+      raise ConfigError("config.model.lora.rank: LoRA adapts a trained model; pretraining trains "
+                        "every weight (set model.lora.rank=0)")
     if validate is not None:
       validate(cfg)
     tokenizer = stage_tokenizer(config)

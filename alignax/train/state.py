@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from alignax.models.lora import trainable_of
+
 
 class TrainState(struct.PyTreeNode):
   """The state of a run.
@@ -17,7 +19,8 @@ class TrainState(struct.PyTreeNode):
     step: int32 scalar, steps attempted so far (skipped non-finite steps included, so the data
       position and the step number never drift apart).
     params: the trained parameters (an `nnx.State` or any pytree).
-    opt_state: optax state over `params`.
+    opt_state: optax state over `params` (over its adapters and heads only when it holds LoRA
+      adapters: `alignax.models.lora.partition`).
     rng: a typed PRNG key; each step derives its randomness from (rng, step), never by splitting
       a carried key, so resuming at step s reproduces the same numbers.
     nonfinite: int32 scalar, steps whose loss or gradient was not finite (their update was skipped).
@@ -42,7 +45,7 @@ class TrainState(struct.PyTreeNode):
   @classmethod
   def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array, extra=None,
              hparams: dict | None = None):
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng,
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable_of(params)), rng=rng,
                nonfinite=jnp.zeros((), jnp.int32), halted_at=jnp.full((), -1, jnp.int32), extra=extra,
                hparams=as_hparams(hparams))
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from alignax.errors import ConfigError
+from alignax.models import lora
 from alignax.train.config import NONFINITE_POLICIES
 from alignax.train.optimizer import effective_lr
 from alignax.train.state import TrainState
@@ -41,14 +42,20 @@ def accumulate_gradients(loss_fn: LossFn, params, batch, rng: jax.Array, extra=N
   """Sums of loss, count and gradients over `accum_steps` micro-batches of `batch`.
 
   Returns:
-    (loss_sum, count, grad_sum, metrics) where grad_sum is the gradient of loss_sum and metrics
-    are averaged over micro-batches.
+    (loss_sum, count, grad_sum, metrics) where grad_sum is the gradient of loss_sum with respect
+    to `lora.trainable_of(params)` (all of params without LoRA) and metrics are averaged over
+    micro-batches.
   """
+  # With LoRA only the adapters (and any heads) are differentiated: the frozen bases are
+  # closed over, so no gradient the size of the model is ever computed.
+  trainable, frozen = lora.partition(params)
+
   def grads_of(mb, key):
-    def objective(p):
+    def objective(t):
+      p = lora.with_dropout_key(lora.combine(t, frozen), jax.random.fold_in(key, 0x10a))
       total, count, metrics = loss_fn(p, mb, key, extra, hparams)
       return total, (count, metrics)
-    (total, (count, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    (total, (count, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     return total, count, grads, metrics
 
   if accum_steps == 1:
@@ -60,7 +67,7 @@ def accumulate_gradients(loss_fn: LossFn, params, batch, rng: jax.Array, extra=N
     t, c, g, m = grads_of(mb, jax.random.fold_in(rng, i))
     return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), m
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
   (total, count, grads), metrics = jax.lax.scan(
       body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
       (split_microbatches(batch, accum_steps), jnp.arange(accum_steps)))
@@ -87,6 +94,7 @@ def guarded_update(params, opt_state, grads, loss: jax.Array, optimizer: optax.G
     (params, opt_state, finite): the updated or untouched params and optimizer state, and
     whether this step's loss, gradients and updated params were finite.
   """
+  params, frozen = lora.partition(params)  # grads and optimizer state cover the trainable part
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   if lr_scale is not None:
     updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
@@ -94,7 +102,7 @@ def guarded_update(params, opt_state, grads, loss: jax.Array, optimizer: optax.G
   finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new_params)
   ok = finite & allowed
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  return keep(new_params, params), keep(new_opt_state, opt_state), finite
+  return lora.combine(keep(new_params, params), frozen), keep(new_opt_state, opt_state), finite
 
 
 def record_finiteness(state: TrainState, finite: jax.Array, nonfinite_policy: str) -> TrainState:
