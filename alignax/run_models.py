@@ -23,13 +23,23 @@ RAW_STAGES = ("pretrain", "import")
 
 
 def chat_template_of(workdir: str) -> str:
-  """The chat template a run was trained with (its export, else its config)."""
+  """The chat template a run was trained with (its export, else its config): "markers",
+  "plain" or "model" (the tokenizer's own Jinja template). Runs from before "auto" existed say
+  nothing and mean "markers"; a run that recorded "auto" is resolved for its tokenizer as the
+  data layer resolves it."""
+  from alignax.data.tokenizers import spec_chat_template
   if ckpt_lib.has_export(workdir):
-    return ckpt_lib.read_export_meta(workdir).get("chat_template", "markers")
-  try:
-    return read_config(workdir).data.get("chat_template", "markers")
-  except Exception:  # no config.json (an imported run)
-    return "markers"
+    meta = ckpt_lib.read_export_meta(workdir)
+    name, spec = meta.get("chat_template", "markers"), meta.get("tokenizer")
+  else:
+    try:
+      cfg = read_config(workdir)
+    except Exception:  # no config.json (an imported run)
+      return "markers"
+    name, spec = cfg.data.get("chat_template", "markers"), cfg.get("tokenizer")
+  if name == "auto":
+    name = "model" if spec and spec_chat_template(spec) else "markers"
+  return name
 
 
 def no_model_error(workdir: str) -> ckpt_lib.CheckpointError:

@@ -26,19 +26,25 @@ def process_batch_size(global_batch: int) -> int:
   return global_batch // n
 
 
-def batch_options(config) -> BatchOptions:
+def batch_options(config, tokenizer=None) -> BatchOptions:
   """This process's `BatchOptions` for a stage's training data (a `RunConfig`): its share of
-  `train.batch_size`, its slice of the records, the run's seed, policy and chat template."""
+  `train.batch_size`, its slice of the records, the run's seed, policy and chat template
+  (resolved for `tokenizer` when given: "auto" becomes "model" or "markers", and "model" with a
+  tokenizer without a template is a ConfigError before any record is read)."""
+  from alignax.data import chat
+  template = config.data.chat_template
+  if tokenizer is not None:
+    template = chat.resolve_template(tokenizer, template)
   return BatchOptions(batch_size=process_batch_size(config.train.batch_size),
                       bad_records=config.data.bad_records, seed=config.seed, num_epochs=None,
                       shard_index=jax.process_index(), shard_count=jax.process_count(),
-                      chat_template=config.data.chat_template)
+                      chat_template=template)
 
 
 def stage_datasets(ctx, fmt: str, splits=None) -> Datasets:
   """`get_datasets` for a stage: its train iterator and `eval.batches` fixed eval batches."""
   config = ctx.config
-  return get_datasets(fmt, config.data, ctx.tokenizer, batch_options(config),
+  return get_datasets(fmt, config.data, ctx.tokenizer, batch_options(config, ctx.tokenizer),
                       eval_batches=config.eval.batches, world=config.world, splits=splits)
 
 
@@ -119,7 +125,9 @@ def adopt_export(cfg, workdir: str, chat_stages=()) -> "ConfigDict":  # noqa: F8
 
   The tokenizer must be the one the model was trained with, so the export's wins; a config that
   named another one is told so in the log. An export of one of `chat_stages` (the registry's)
-  also gives its chat template.
+  also gives its chat template. Then `data.chat_template` is resolved for that tokenizer
+  (`resolve_chat_template`), so this stage's config.json and export name the template it
+  trains with.
   """
   import copy
 
@@ -137,12 +145,24 @@ def adopt_export(cfg, workdir: str, chat_stages=()) -> "ConfigDict":  # noqa: F8
   # yet, so this stage's config chooses it.
   template = meta.get("chat_template")
   if meta["stage"] in chat_stages and template and template != cfg.data.chat_template:
-    logging.warning("using the chat template of %s (%s) instead of config.data.chat_template=%s",
-                    workdir, template, cfg.data.chat_template)
+    if cfg.data.chat_template != "auto":  # "auto" asked for nothing in particular
+      logging.warning("using the chat template of %s (%s) instead of config.data.chat_template=%s",
+                      workdir, template, cfg.data.chat_template)
     with cfg.unlocked():
       cfg.data.chat_template = template
+  resolve_chat_template(cfg)
   adopt_model(cfg, ckpt_lib.export_model_config(workdir))
   return cfg
+
+
+def resolve_chat_template(cfg) -> str:
+  """`cfg.data.chat_template` for `cfg.tokenizer`, written back (in place): see
+  `alignax.data.tokenizers.resolve_chat_template_name`."""
+  from alignax.data.tokenizers import resolve_chat_template_name
+  name = resolve_chat_template_name(cfg.tokenizer, cfg.data.get("chat_template", "auto"))
+  with cfg.unlocked():
+    cfg.data.chat_template = name
+  return name
 
 
 def adopt_model(cfg, exported: "ModelConfig") -> "ModelConfig":  # noqa: F821

@@ -9,7 +9,9 @@ from alignax.sections import Section, one_of, require
 SOURCES = ("world", "files")  # the built-in alignment world, or the user's files
 BAD_RECORD_POLICIES = ("error", "skip")  # skipped records are counted in the logs
 LOADERS = ("tfds", "memory")  # array_record datasets read by grain, or in-memory lists
-CHAT_TEMPLATES = ("markers", "plain")  # role tokens, or "User: ...\nAssistant: ..."
+# "auto": "model" when the tokenizer has a Jinja template of its own, else "markers";
+# "model": that template (an imported checkpoint's); role tokens; "User: ...\nAssistant: ...".
+CHAT_TEMPLATES = ("auto", "model", "markers", "plain")
 TEXT_MODES = ("lines", "file")  # text files: one document per line, or the whole file
 LONG_DOC_POLICIES = ("split", "truncate")  # documents longer than seq_len (counted either way)
 TOO_LONG_POLICIES = ("truncate", "skip")  # conversations longer than seq_len (counted either way)
@@ -26,7 +28,11 @@ class DataConfig(Section):
     loader: "tfds" or "memory".
     tfds_dir: where TFDS datasets are built; "" = $ALIGNAX_DATA_DIR or ~/.cache/alignax/tfds.
     eval_records: records held out for evaluation when `eval_files` is empty.
-    chat_template: how conversations are rendered: "markers" or "plain".
+    chat_template: how conversations are rendered (`alignax.data.chat`): "auto" (the default:
+      "model" when the tokenizer carries its own Jinja template, else "markers"), "model" (that
+      template, as transformers' apply_chat_template renders it; a tokenizer without one is a
+      ConfigError), "markers" or "plain". The stage resolves "auto" once it knows its
+      tokenizer, and an export records the template it was trained with.
     text_mode: text files (pretraining): "lines" (one document per line) or "file".
     long_docs: documents longer than `seq_len` (pretraining): "split" into chunks or "truncate".
     packing: SFT rows pack several conversations (False: one per row, padded).
@@ -42,7 +48,7 @@ class DataConfig(Section):
   loader: str = "tfds"
   tfds_dir: str = ""
   eval_records: int = 256
-  chat_template: str = "markers"
+  chat_template: str = "auto"
   text_mode: str = "lines"
   long_docs: str = "split"
   packing: bool = False

@@ -8,14 +8,15 @@ same encoder in the validation pass and in the grain map, so both see the same v
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import numpy as np
 
 from alignax.data import chat
-from alignax.data.schemas import EMPTY_TEXT, PROMPT_TOO_LONG
+from alignax.data.schemas import EMPTY_TEXT, INVALID, PROMPT_TOO_LONG
 from alignax.data.screening import TOO_LONG, skip_marker as _skip
-from alignax.data.tokenizer import ByteTokenizer, Tokenizer
+from alignax.data.tokenizer import ByteTokenizer, Tokenizer, plain_text_bos
 
 Example = dict
 Batch = dict
@@ -67,25 +68,48 @@ def packed_to_contract(batch: Batch) -> Batch:
           "loss_mask": (batch["loss_mask"] * (positions > 0)).astype(np.float32)}
 
 
-def prompt_tokens(tok: Tokenizer, prompt: list, template: str) -> int:
-  """Tokens of the prompt as a generator would see it: the conversation so far plus the role
-  marker that opens the response (what `chat.encode_prompt` gives for a single-turn response)."""
-  return len(chat.encode_chat(tok, prompt, add_generation_prompt=True, template=template)[0])
+def template_guarded(encode: Encoder) -> Encoder:
+  """`encode`, with a conversation the model's chat template refuses (its `raise_exception`, a
+  template that is not prefix-stable for it, ...) an invalid record: the pipeline names it with
+  its file and line and applies `bad_records`."""
+  @functools.wraps(encode)
+  def guarded(rec: dict) -> Example:
+    try:
+      return encode(rec)
+    except chat.TemplateRefused as e:
+      return _skip(INVALID, str(e))
+  return guarded
+
+
+def prompt_ids(tok: Tokenizer, prompt: list, template: str) -> list[int]:
+  """The prompt as a generator would see it: the conversation so far plus the opening of the
+  response (the role marker, or the model template's generation prompt)."""
+  return chat.encode_prompt(tok, prompt, template=template)
 
 
 def prompt_and_response(tok: Tokenizer, prompt: list, response: list, seq_len: int,
                          max_prompt_len: int | None, ended: bool = True,
-                         template: str = "markers", n_prompt: int | None = None):
+                         template: str = "markers", known_prompt_ids: list[int] | None = None):
   """(ids [<= T] int32, loss mask [<= T] float32, prompt length, full length) of prompt +
   response, cut to `seq_len`; the mask is on the response's assistant text and eos only.
-  `ended=False` drops the final `<eos>` (a response that was cut off before ending).
-  `n_prompt`: `prompt_tokens` of `prompt` if already known (both sides of a pair share it).
+  `ended=False` drops the final `<eos>` (the model template's end of turn): a response that
+  was cut off before ending (`chat.drop_turn_end`).
+  `known_prompt_ids`: `prompt_ids(tok, prompt, template)` if already known (both sides of a pair
+  share it). The conversation's ids must start with them: a template that renders the prompt
+  differently once a response follows raises TemplateRefused (never markers or plain).
   Returns a skip marker instead when the prompt leaves no room for a response token."""
-  if n_prompt is None:
-    n_prompt = prompt_tokens(tok, prompt, template)
+  if known_prompt_ids is None:
+    known_prompt_ids = prompt_ids(tok, prompt, template)
+  n_prompt = len(known_prompt_ids)
   ids, mask = chat.encode_chat(tok, prompt + response, template=template)
+  if list(ids[:n_prompt]) != list(known_prompt_ids):
+    raise chat.TemplateRefused(
+        f"the chat template ({template}, {getattr(tok, 'path', type(tok).__name__)}) renders "
+        f"the prompt with its generation prompt as "
+        f"{n_prompt} tokens that do not start the prompt + response rendering, so the response's "
+        f"tokens cannot be found (a template must render a response after the prompt it opens)")
   if not ended:
-    ids, mask = ids[:-1], mask[:-1]
+    ids, mask = chat.drop_turn_end(tok, ids, mask)
   mask = np.asarray(mask, np.float32)
   mask[:n_prompt] = 0.0  # assistant turns inside a multi-turn prompt are context, not targets
   too_long_prompt = max_prompt_len is not None and n_prompt > max_prompt_len
@@ -107,14 +131,17 @@ def gold_label(rec: dict) -> np.float32:
 def lm_encoder(tok: Tokenizer, seq_len: int, long_docs: str) -> Encoder:
   """{"text"} -> `<bos> text <eos>`: "tokens" [n] int32, "loss_mask" [n] float32 (all ones);
   cut to `seq_len` under long_docs="truncate" (longer ones are split later, by the screen
-  stage). Empty text is an empty_text bad record."""
-  bos, eos = np.int32(tok.bos_id), np.int32(tok.eos_id)
+  stage). Empty text is an empty_text bad record. The `<bos>` is there only when the
+  tokenizer's plain text takes one (`plain_text_bos`: always for bytes and SentencePiece; an
+  HF tokenizer's `add_bos`, e.g. not Qwen2's)."""
+  bos = [np.int32(tok.bos_id)] if plain_text_bos(tok) else []
+  eos = np.int32(tok.eos_id)
 
   def encode(rec: dict) -> Example:
     body = text_ids(tok, rec["text"])
     if body.size == 0:
       return _skip(EMPTY_TEXT)
-    ids = np.concatenate([[bos], body, [eos]]).astype(np.int32)
+    ids = np.concatenate([bos, body, [eos]]).astype(np.int32)
     ex = {"tokens": ids, "loss_mask": np.ones(len(ids), np.float32)}
     if long_docs == "truncate" and len(ids) > seq_len:
       ex = {k: v[:seq_len] for k, v in ex.items()}
@@ -142,7 +169,7 @@ def sft_encoder(tok: Tokenizer, seq_len: int, too_long: str, template: str) -> E
                    f"(conversation is {len(ids)} tokens)")
     ex["_counts"] = {"truncated": 1, "truncated_tokens": len(ids) - seq_len}
     return ex
-  return encode
+  return template_guarded(encode)
 
 
 def preference_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
@@ -151,9 +178,9 @@ def preference_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
   "margin", "gold_label"}; each row is `lm_row` [seq_len] plus "response_len" (its loss
   tokens). The prompt is encoded once for both sides."""
 
-  def side(prompt, response, ended, n_prompt):
+  def side(prompt, response, ended, p_ids):
     out = prompt_and_response(tok, prompt, response, seq_len, max_prompt_len, ended=ended,
-                              template=template, n_prompt=n_prompt)
+                              template=template, known_prompt_ids=p_ids)
     if isinstance(out, dict):
       return out, 0, 0
     ids, mask, _, n_full = out
@@ -163,12 +190,13 @@ def preference_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
     return row, int(lost > 0), lost
 
   def encode(rec: dict) -> Example:
-    n_prompt = prompt_tokens(tok, rec["prompt"], template)
-    chosen, t1, lost1 = side(rec["prompt"], rec["chosen"], rec.get("chosen_ended", True), n_prompt)
+    # Rendered once: chosen and rejected must both start with these ids (prompt_and_response).
+    p_ids = prompt_ids(tok, rec["prompt"], template)
+    chosen, t1, lost1 = side(rec["prompt"], rec["chosen"], rec.get("chosen_ended", True), p_ids)
     if "_skip" in chosen:
       return chosen
     rejected, t2, lost2 = side(rec["prompt"], rec["rejected"], rec.get("rejected_ended", True),
-                               n_prompt)
+                               p_ids)
     if "_skip" in rejected:
       return rejected
     ex = {"chosen": chosen, "rejected": rejected, "valid": np.float32(1.0),
@@ -176,7 +204,7 @@ def preference_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
     if t1 or t2:
       ex["_counts"] = {"truncated": 1, "truncated_tokens": lost1 + lost2}
     return ex
-  return encode
+  return template_guarded(encode)
 
 
 def unpaired_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
@@ -197,7 +225,7 @@ def unpaired_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
     if n_full > seq_len:
       ex["_counts"] = {"truncated": 1, "truncated_tokens": n_full - seq_len}
     return ex
-  return encode
+  return template_guarded(encode)
 
 
 def prompt_encoder(tok: Tokenizer, prompt_len: int, template: str) -> Encoder:
@@ -214,4 +242,4 @@ def prompt_encoder(tok: Tokenizer, prompt_len: int, template: str) -> Encoder:
     return {"tokens": row["tokens"], "mask": row["segment_ids"] > 0,
             "positions": row["positions"], "segment_ids": row["segment_ids"],
             "prompt_len": np.int32(len(ids)), "valid": np.float32(1.0)}
-  return encode
+  return template_guarded(encode)

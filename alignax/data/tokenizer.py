@@ -8,6 +8,9 @@ chat template never care which one is in use:
   decode(ids, skip_special=True) -> str
   encode_batch(texts, max_len, ...) -> (ids [B, T] int32, mask [B, T] bool, num_truncated)
 
+Optional: `add_bos` (whether plain text starts with `bos_id`; read by `plain_text_bos`, True
+when absent) and `chat_template` (a Jinja template of the tokenizer's own: HF tokenizers).
+
 The byte tokenizer maps byte b to id b (0..255), followed by the special tokens.
 """
 
@@ -92,9 +95,17 @@ class ByteTokenizer:
     return encode_batch(self, texts, max_len, add_bos=add_bos, add_eos=add_eos, pad_side=pad_side)
 
 
+def plain_text_bos(tok: Tokenizer) -> bool:
+  """Whether plain text (a pretraining document) starts with `bos_id`: a tokenizer's `add_bos`
+  (an HF tokenizer's own files decide, see `hf_tokenizer`), True for the others. Chat templates
+  decide their BOS themselves."""
+  return bool(getattr(tok, "add_bos", True))
+
+
 def encode_batch(tok: Tokenizer, texts: Sequence[str], max_len: int, *, add_bos: bool = True,
                  add_eos: bool = False, pad_side: str = "right"):
-  """Encodes and pads a batch to `max_len`.
+  """Encodes and pads a batch to `max_len`; `add_bos` puts `bos_id` first as asked (whether the
+  tokenizer's own plain text takes one is `plain_text_bos`).
 
   Returns:
     ids: [B, max_len] int32, padded with `tok.pad_id`.

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from alignax.data.chat import encode_prompt
+from alignax.data.tokenizer import plain_text_bos
 from alignax.generation.sampler import Sampler
 from alignax.generation.scoring import response_logprobs
 from alignax.tasks import world_gold
@@ -53,7 +54,8 @@ def prompt_ids(tok, prompt, fmt: str = "chat", template: str = "markers") -> lis
     return encode_prompt(tok, prompt, template=template)
   if fmt == "raw":
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    return [tok.bos_id] + tok.encode(text + "\n")
+    # As pretraining documents are encoded: a BOS only where the tokenizer's plain text has one.
+    return ([tok.bos_id] if plain_text_bos(tok) else []) + tok.encode(text + "\n")
   raise ValueError(f"prompt format must be one of {FORMATS}, got {fmt!r}")
 
 

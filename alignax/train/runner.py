@@ -20,6 +20,7 @@ from alignax import parallel
 from alignax.config import ConfigDict, RunConfig, resolve, save_config
 from alignax.errors import ConfigError
 from alignax.data.sources import resolve_tokenizer
+from alignax.data.tokenizers import resolve_chat_template_name
 from alignax.data.tokenizer import Tokenizer
 from alignax.models.config import ModelConfig
 from alignax.train.loop import Run, run_loop
@@ -76,6 +77,7 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
   # Signals are caught from here on, so SIGTERM during start-up or export ends the run cleanly
   # (at the next step boundary, or once the export is complete) instead of killing it mid-write.
   with ckpt_lib.StopSignal() as stop:
+    cfg = with_concrete_chat_template(cfg)
     config = resolve(cfg)
     parallel.maybe_initialize_distributed(config.parallel.distributed)
     model = config.model
@@ -120,6 +122,20 @@ def run_training(cfg: ConfigDict, build_run: Callable[[StageContext], Run],
   if not finished:
     print(stopped_message(step, checkpointer.last_saved, workdir), file=sys.stderr)
   return StageResult(state=state, finished=finished, workdir=workdir)
+
+
+def with_concrete_chat_template(cfg: ConfigDict) -> ConfigDict:
+  """`cfg` (a copy, when it changes) whose `data.chat_template` names the template itself
+  ("auto" resolved for the tokenizer), so config.json, the resume check and the export record
+  what the run trains with."""
+  import copy
+  name = cfg.data.get("chat_template", "auto") if "data" in cfg else "auto"
+  if "data" not in cfg or name != "auto":
+    return cfg
+  cfg = copy.deepcopy(cfg)
+  with cfg.unlocked():
+    cfg.data.chat_template = resolve_chat_template_name(str(cfg.get("tokenizer", "bytes")), name)
+  return cfg
 
 
 def stopped_message(step: int, saved: int | None, workdir: str) -> str:
