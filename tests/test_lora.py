@@ -197,3 +197,47 @@ def test_lora_sft_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path, base_run):
           "--config.parallel.mesh.fsdp=2", "--config.parallel.mesh.tensor=2", devices=8)
   for a, b in zip(jax.tree.leaves(_export(one)), jax.tree.leaves(_export(mesh))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_sft_under_pmap_matches_one_device(tmp_path, base_run):
+  args = SFT + [f"--config.init.workdir={base_run}", "--config.train.steps=3",
+                "--config.model.lora.dropout=0.0"]
+  one, pmap = str(tmp_path / "one"), str(tmp_path / "pmap")
+  run_cli(*args, f"--config.workdir={one}")
+  run_cli(*args, f"--config.workdir={pmap}", "--config.parallel.mode=pmap", devices=4)
+  for a, b in zip(jax.tree.leaves(_export(one)), jax.tree.leaves(_export(pmap))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_dpo_starts_at_its_base_reference_and_trains_adapters(tmp_path, base_run):
+  """Fresh adapters (B = 0) make the policy equal to the frozen base, which is the reference:
+  the first step's sigmoid loss is exactly ln 2 and every implicit reward 0."""
+  sft = str(tmp_path / "sft")
+  run_cli(*SFT, f"--config.init.workdir={base_run}", "--config.train.steps=2", f"--config.workdir={sft}")
+  dpo = str(tmp_path / "dpo")
+  run_cli("train", "--config=configs/dpo.py:tiny", f"--config.init.workdir={sft}", f"--config.workdir={dpo}",
+          "--config.train.steps=3", "--config.train.batch_size=4", "--config.data.seq_len=64",
+          "--config.train.progress=False", "--config.eval.num_prompts=0", "--config.eval.every=0",
+          "--config.train.log_every=1", "--config.model.lora.rank=4", "--config.optimizer.lr=1e-2",
+          "--config.optimizer.warmup_steps=0")
+  from tests.cli_helpers import metric_rows
+  rows = [r for r in metric_rows(dpo) if "train/loss" in r]
+  assert rows[0]["train/loss"] == pytest.approx(np.log(2.0), abs=1e-6)
+  assert rows[0]["train/rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+  assert rows[-1]["train/loss"] != pytest.approx(np.log(2.0), abs=1e-4)
+  assert os.path.exists(os.path.join(dpo, "export", "lora", "adapters.safetensors"))
+
+
+def test_lora_is_refused_where_it_cannot_work(tmp_path):
+  from tests.cli_helpers import run_cli as run
+  out = run(*SMALL_PRETRAIN, "--config.train.steps=1", f"--config.workdir={tmp_path / 'pt'}",
+            "--config.model.lora.rank=4", check=False)
+  assert out.returncode != 0 and "config.model.lora.rank: LoRA adapts a trained model" in out.stderr
+  from alignax.algorithms import online
+  from alignax.config import ConfigError, load_config_file
+  cfg = load_config_file("configs/grpo.py", "tiny")
+  cfg.model.lora.rank, cfg.model.lora.dropout = 4, 0.1
+  with pytest.raises(ConfigError, match="config.model.lora.dropout: must be 0 in the RL stages"):
+    online.common_validate(cfg, "grpo")
