@@ -13,6 +13,8 @@ V, T_LEN = 300, 24
 TOKENS = np.random.RandomState(0).randint(0, V, (2, T_LEN))
 SMALL = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
+GEMMA = dict(SMALL, num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+             initializer_range=0.2)
 # name -> (config class name, kwargs)
 MODELS = {
     "gpt2": ("GPT2Config", dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
@@ -39,6 +41,23 @@ MODELS = {
     "mistral_window": ("MistralConfig", dict(SMALL, sliding_window=8)),
     "qwen2_window": ("Qwen2Config", dict(SMALL, use_sliding_window=True, max_window_layers=0,
                                          sliding_window=8)),
+    # A window on the top layer only (layers >= max_window_layers slide).
+    "qwen2_partial": ("Qwen2Config", dict(SMALL, num_hidden_layers=3, use_sliding_window=True,
+                                          max_window_layers=1, sliding_window=8)),
+    # Gemma: head_dim independent of d_model / n_heads, query_pre_attn_scalar != head_dim, local
+    # layers (window 8) interleaved with global ones, weights large enough (initializer_range)
+    # that the soft-caps and the embedding scale move the logits.
+    "gemma3": ("Gemma3TextConfig", dict(GEMMA, sliding_window_pattern=3, rope_parameters=dict(
+        full_attention=dict(rope_type="default", rope_theta=5000.0),
+        sliding_attention=dict(rope_type="default", rope_theta=100.0)))),
+    # The 4B+ recipe: linear RoPE scaling (factor 8) on the global layers only; untied, biased.
+    "gemma3_scaled": ("Gemma3TextConfig", dict(
+        GEMMA, layer_types=["sliding_attention", "full_attention"] * 2, tie_word_embeddings=False,
+        attention_bias=True, final_logit_softcapping=3.0, rope_parameters=dict(
+            full_attention=dict(rope_type="linear", rope_theta=10000.0, factor=8.0),
+            sliding_attention=dict(rope_type="default", rope_theta=10.0)))),
+    "gemma2": ("Gemma2Config", dict(GEMMA, num_hidden_layers=3, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=3.0)),
 }
 
 

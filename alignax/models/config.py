@@ -3,6 +3,9 @@
 GPT-2 style: layernorm, learned positions, GELU MLP, biases, tied embeddings.
 Llama style: rmsnorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head.
 Mistral/Qwen2 are Llama style with (optionally) q/k/v biases.
+Gemma 2/3 style: GeGLU, RMSNorm scaling by (1 + weight), a norm before and after each sublayer,
+embeddings scaled by sqrt(d_model), local sliding-window layers interleaved with global ones,
+logit soft-capping.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import jax.numpy as jnp
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu")
 REMATS = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
+LAYER_KINDS = "LG"  # layer_pattern: L = local (sliding window), G = global (full attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +39,11 @@ class ModelConfig:
     max_seq_len: longest sequence (learned position table size; cache length bound).
     norm: "layernorm" (with bias) or "rmsnorm".
     norm_eps: epsilon inside the norm.
+    norm_plus_one: every RMSNorm/LayerNorm scale (q/k norms included) is (1 + weight), in
+      float32 (Gemma): weights are stored zero-centred, as Gemma checkpoints hold them, and
+      initialized at zero.
+    post_norms: a norm after each sublayer too, on its output before the residual add (Gemma's
+      post_attention / post_feedforward norms): x + norm(attn(norm(x))), then the same for the MLP.
     position: "learned" absolute positions or "rope".
     rope_theta: RoPE base frequency.
     rope_scaling: "none", "linear", "dynamic", "llama3" or "yarn" (see `alignax.models.rope`).
@@ -44,15 +53,29 @@ class ModelConfig:
     rope_low_freq_factor, rope_high_freq_factor: "llama3"'s wavelength band.
     rope_beta_fast, rope_beta_slow, rope_truncate: "yarn"'s correction range.
     rope_attention_factor: "yarn"'s cos/sin scale; 0 means 0.1 ln(rope_factor) + 1.
-    mlp: "gelu" (tanh approximation, GPT-2) or "swiglu".
+    rope_local_theta: plain-RoPE base of the local (sliding-window) layers, which then ignore
+      rope_scaling (Gemma 3's rope_local_base_freq); 0 = every layer uses rope_theta/rope_scaling.
+    mlp: "gelu" (tanh approximation, GPT-2), "swiglu" (silu(gate) * up) or "geglu"
+      (gelu_tanh(gate) * up, Gemma).
     tie_embeddings: reuse the embedding table as the output projection.
     use_bias: biases on every projection (GPT-2).
     qkv_bias: biases on the q/k/v projections only (Qwen2); implied by use_bias.
     attention_bias: biases on q/k/v and the output projection (Llama `attention_bias`).
     mlp_bias: biases on the MLP's projections (Llama `mlp_bias`).
-    qk_norm: RMSNorm over each head's queries and keys before RoPE (Qwen3).
-    sliding_window: each token attends to itself and the `sliding_window - 1` tokens before it
-      (Mistral); 0 = full causal attention.
+    qk_norm: RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3).
+    sliding_window: on local layers each token attends to itself and the `sliding_window - 1`
+      tokens before it (Mistral); 0 = full causal attention everywhere.
+    layer_pattern: one letter per layer, "L" local (sliding window, `rope_local_theta`) or "G"
+      global (full attention, rope_theta/rope_scaling), e.g. Gemma 3's "LLLLLG..." or a Qwen2
+      window on the top layers only; "" = every layer local when sliding_window > 0, else global.
+    query_pre_attn_scalar: attention scores are q.k * query_pre_attn_scalar ** -0.5 (Gemma);
+      0 = head_dim.
+    attn_softcap: attention scores soft-capped to cap * tanh(score / cap) before the mask
+      (Gemma 2); 0 = none.
+    final_softcap: output logits soft-capped the same way (Gemma 2); 0 = none.
+    scale_embeddings: token embeddings multiplied by sqrt(d_model) (rounded to float32, then to
+      the compute dtype, as transformers does) before the first block (Gemma); the tied output
+      projection uses the unscaled table.
     dtype: compute dtype of activations and matmuls.
     param_dtype: storage dtype of parameters.
     remat: what the backward pass recomputes. "dots" (default): matmul outputs are saved, the
@@ -75,6 +98,8 @@ class ModelConfig:
   max_seq_len: int = 256
   norm: str = "rmsnorm"
   norm_eps: float = 1e-5
+  norm_plus_one: bool = False
+  post_norms: bool = False
   position: str = "rope"
   rope_theta: float = 10000.0
   rope_scaling: str = "none"
@@ -86,6 +111,7 @@ class ModelConfig:
   rope_beta_slow: float = 1.0
   rope_truncate: bool = True
   rope_attention_factor: float = 0.0
+  rope_local_theta: float = 0.0
   mlp: str = "swiglu"
   tie_embeddings: bool = False
   use_bias: bool = False
@@ -94,6 +120,11 @@ class ModelConfig:
   mlp_bias: bool = False
   qk_norm: bool = False
   sliding_window: int = 0
+  layer_pattern: str = ""
+  query_pre_attn_scalar: float = 0.0
+  attn_softcap: float = 0.0
+  final_softcap: float = 0.0
+  scale_embeddings: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "dots"
@@ -122,6 +153,18 @@ class ModelConfig:
   @property
   def mlp_biased(self) -> bool:
     return self.use_bias or self.mlp_bias
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer: whether it is local (sliding window, local RoPE), in layer order."""
+    if self.layer_pattern:
+      return tuple(c == "L" for c in self.layer_pattern)
+    return (self.sliding_window > 0,) * self.n_layers
+
+  @property
+  def attn_scale(self) -> float | None:
+    """The attention-score multiplier, or None for the default 1/sqrt(head_dim)."""
+    return self.query_pre_attn_scalar ** -0.5 if self.query_pre_attn_scalar else None
 
   @property
   def compute_dtype(self):
@@ -163,6 +206,16 @@ class ModelConfig:
       check(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "rope_high_freq_factor",
             "must be > rope_low_freq_factor > 0")
     check(self.sliding_window >= 0, "sliding_window", f"must be >= 0, got {self.sliding_window}")
+    if self.layer_pattern:
+      check(len(self.layer_pattern) == self.n_layers and set(self.layer_pattern) <= set(LAYER_KINDS),
+            "layer_pattern", f"must be one of {'/'.join(LAYER_KINDS)} per layer ({self.n_layers} "
+            f"letters), got {self.layer_pattern!r}")
+      check("L" not in self.layer_pattern or self.sliding_window > 0, "layer_pattern",
+            "local layers ('L') need sliding_window > 0")
+    for field in ("rope_local_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+      check(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
+    check(not self.rope_local_theta or self.position == "rope", "rope_local_theta",
+          "needs position='rope'")
 
   def num_params(self, include_embeddings: bool = True) -> int:
     """Exact parameter count of the model this config builds."""
@@ -175,11 +228,12 @@ class ModelConfig:
       attn += d
     if self.qk_norm:
       attn += 2 * dh
-    mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+    gated = self.mlp in ("swiglu", "geglu")
+    mlp = (3 if gated else 2) * d * f
     if self.mlp_biased:
-      mlp += (2 * f if self.mlp == "swiglu" else f) + d
+      mlp += (2 * f if gated else f) + d
     norm = d * (2 if self.norm == "layernorm" else 1)
-    per_layer = attn + mlp + 2 * norm
+    per_layer = attn + mlp + (4 if self.post_norms else 2) * norm
     total = self.n_layers * per_layer + norm
     if include_embeddings:
       total += v * d

@@ -14,6 +14,9 @@
              correction range set by beta_fast / beta_slow, and cos/sin scaled by the attention
              factor (0.1 ln(factor) + 1 unless given)
 
+Gemma 3's local (sliding-window) layers use plain RoPE of their own base, `rope_local_theta`
+(`rotary_tables(..., local=True)`), while its global layers keep rope_theta and the scaling.
+
 The static variants are computed on the host once per trace (numpy, float64, then cast to float32
 as transformers' float32 buffers are); "dynamic" depends on the call's positions, so it is
 computed inside the traced function.
@@ -106,12 +109,16 @@ def _dynamic_inverse_frequencies(cfg: ModelConfig, positions: Array) -> Array:
   return _traced_plain(dim, base)
 
 
-def rotary_tables(positions: Array, cfg: ModelConfig) -> tuple[Array, Array]:
+def rotary_tables(positions: Array, cfg: ModelConfig, local: bool = False) -> tuple[Array, Array]:
   """RoPE (cos, sin), each [B, T, 1, D] float32, in the half-split layout (as in Hugging Face Llama).
 
-  Computed once per forward pass and shared by every layer (the angles depend only on positions).
+  Computed once per forward pass and shared by every layer of its kind (the angles depend only on
+  positions). `local`: the tables of the local layers, plain RoPE of base `rope_local_theta`
+  when that is set (otherwise the same as the global layers').
   """
-  if cfg.rope_scaling == "none":
+  if local and cfg.rope_local_theta:
+    inv_freq, scale = _traced_plain(cfg.dim_per_head, cfg.rope_local_theta), 1.0
+  elif cfg.rope_scaling == "none":
     # Plain RoPE computed in the trace, exactly as before the scaled variants existed.
     inv_freq, scale = _traced_plain(cfg.dim_per_head, cfg.rope_theta), 1.0
   elif cfg.rope_scaling == "dynamic":

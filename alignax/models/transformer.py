@@ -11,14 +11,21 @@ is its column; with a cache it is its index in the cache, so left-padded prompts
 one-token decoding share one rule. Positions (RoPE angle or learned-table row) come from the
 caller and are independent of slots.
 
+Local/global layers (Gemma's interleave, a Qwen2 window on some layers): both masks and both
+RoPE tables are built once per call, and a per-layer flag scanned with the stacked params picks
+one of each, so one compiled body serves every layer and compile time stays flat in depth.
+
 Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); `alignax.parallel` maps
 those names to mesh axes. Stacked block parameters have an extra leading "layers" axis.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from alignax.models.config import ModelConfig
@@ -45,12 +52,18 @@ def rms_normalize(xf: Array, eps: float) -> Array:
   return xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + eps)
 
 
+def norm_scale(scale, plus_one: bool) -> Array:
+  """A norm's float32 multiplier: the weight, or (1 + weight) for Gemma's zero-centred ones."""
+  w = scale[...].astype(jnp.float32)
+  return 1.0 + w if plus_one else w
+
+
 class Norm(nnx.Module):
   """LayerNorm (scale and bias) or RMSNorm (scale), computed in float32."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.kind, self.eps = cfg.norm, cfg.norm_eps
-    self.scale = _param(rngs, (cfg.d_model,), ("embed",), cfg, "ones")
+    self.kind, self.eps, self.plus_one = cfg.norm, cfg.norm_eps, cfg.norm_plus_one
+    self.scale = _param(rngs, (cfg.d_model,), ("embed",), cfg, "zeros" if cfg.norm_plus_one else "ones")
     if cfg.norm == "layernorm":
       self.bias = _param(rngs, (cfg.d_model,), ("embed",), cfg, "zeros")
 
@@ -58,23 +71,31 @@ class Norm(nnx.Module):
     xf = x.astype(jnp.float32)
     if self.kind == "layernorm":
       xf = xf - xf.mean(-1, keepdims=True)
-    y = rms_normalize(xf, self.eps) * self.scale[...].astype(jnp.float32)
+    y = rms_normalize(xf, self.eps) * norm_scale(self.scale, self.plus_one)
     if self.kind == "layernorm":
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(x.dtype)
 
 
-def head_rms_norm(x: Array, scale, eps: float) -> Array:
-  """RMSNorm of [B, T, H, Dh] over each head's Dh (Qwen3's q/k norm), computed in float32."""
-  y = rms_normalize(x.astype(jnp.float32), eps) * scale[...].astype(jnp.float32)
+def head_rms_norm(x: Array, scale, eps: float, plus_one: bool = False) -> Array:
+  """RMSNorm of [B, T, H, Dh] over each head's Dh (Qwen3's and Gemma 3's q/k norm), in float32."""
+  y = rms_normalize(x.astype(jnp.float32), eps) * norm_scale(scale, plus_one)
   return y.astype(x.dtype)
 
 
-def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """Softmax attention of queries over a cache in [B, K, S, Dh] layout (grouped-query aware).
+def softcap(x: Array, cap: float) -> Array:
+  """cap * tanh(x / cap): x squashed into (-cap, cap), near-identity for |x| << cap (Gemma 2)."""
+  return cap * jnp.tanh(x / cap)
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None,
+                     cap: float = 0.0) -> Array:
+  """Softmax attention of queries over keys in [B, K, S, Dh] layout (grouped-query aware).
 
   Args:
     q: [B, T, H, Dh]; k, v: [B, K, S, Dh] with H a multiple of K; mask: [B, T, S] bool.
+    scale: the q.k multiplier (None: 1/sqrt(Dh)).
+    cap: soft-cap of the scaled scores before the mask (0: none).
 
   Returns:
     [B, T, H, Dh].
@@ -82,7 +103,10 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   b, t, h, dh = q.shape
   kv = k.shape[1]
   q = q.reshape(b, t, kv, h // kv, dh)
-  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(dh) if scale is None else scores * scale
+  if cap:
+    scores = softcap(scores, cap)
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, dh)
@@ -107,16 +131,17 @@ class Attention(nnx.Module):
     if cfg.out_biased:
       self.bo = _param(rngs, (d,), ("embed",), cfg, "zeros")
     if cfg.qk_norm:
-      self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, "ones")
-      self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, "ones")
+      init = "zeros" if cfg.norm_plus_one else "ones"
+      self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, init)
+      self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, init)
 
   def __call__(self, x: Array, rotary, mask: Array, kv_cache=None, cache_end=None):
     """Attends over x (or over the cache with x's keys written into it).
 
     Args:
       x: [B, T, d] normalized inputs in compute dtype.
-      rotary: `rotary_tables(...)` of x's positions, or None (no RoPE).
-      mask: [B, T, S] bool, S = T without a cache, the cache length with one.
+      rotary: `rotary_tables(...)` of x's positions for this layer's kind, or None (no RoPE).
+      mask: this layer's [B, T, S] bool, S = T without a cache, the cache length with one.
       kv_cache: None, or (k, v) each [B, K, S, Dh] for this layer (heads before slots: the
         layout the attention matmuls read without a transpose).
       cache_end: int32 scalar: slot where x's first token is written.
@@ -139,18 +164,24 @@ class Attention(nnx.Module):
     k = project(self.wk, self.bk if biased else None, cfg.kv_heads)
     v = project(self.wv, self.bv if biased else None, cfg.kv_heads)
     if cfg.qk_norm:
-      q, k = head_rms_norm(q, self.q_norm, cfg.norm_eps), head_rms_norm(k, self.k_norm, cfg.norm_eps)
+      q = head_rms_norm(q, self.q_norm, cfg.norm_eps, cfg.norm_plus_one)
+      k = head_rms_norm(k, self.k_norm, cfg.norm_eps, cfg.norm_plus_one)
     if rotary is not None:
       q, k = rope(q, rotary), rope(k, rotary)
-    if kv_cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    if kv_cache is None and cfg.attn_softcap:
+      # dot_product_attention has no soft-cap: the explicit form, keys heads-first as a cache's.
+      heads_first = lambda a: a.transpose(0, 2, 1, 3)
+      out = cached_attention(q, heads_first(k), heads_first(v), mask, cfg.attn_scale, cfg.attn_softcap)
+    elif kv_cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=cfg.attn_scale)
     else:
       k_all, v_all = kv_cache
       put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
           buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), cache_end, axis=2)
       k_all, v_all = put(k_all, k), put(v_all, v)
       kv_cache = (k_all, v_all)
-      out = cached_attention(q, k_all.astype(dt), v_all.astype(dt), mask)
+      out = cached_attention(q, k_all.astype(dt), v_all.astype(dt), mask, cfg.attn_scale,
+                             cfg.attn_softcap)
     out = matmul(out.reshape(b * t, -1), self.wo, dt)
     if cfg.out_biased:
       out = out + self.bo[...].astype(dt)
@@ -158,19 +189,20 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  """GELU (two matrices) or SwiGLU (gate, up, down) feed-forward block."""
+  """GELU (two matrices), SwiGLU or GeGLU (gate, up, down) feed-forward block."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.d_ff
     self.cfg = cfg
     self.w_in = _param(rngs, (d, f), ("embed", "mlp"), cfg)
-    if cfg.mlp == "swiglu":
+    gated = cfg.mlp in ("swiglu", "geglu")
+    if gated:
       self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.w_out = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
     if cfg.mlp_biased:
       self.b_in = _param(rngs, (f,), ("mlp",), cfg, "zeros")
       self.b_out = _param(rngs, (d,), ("embed",), cfg, "zeros")
-      if cfg.mlp == "swiglu":
+      if gated:
         self.b_gate = _param(rngs, (f,), ("mlp",), cfg, "zeros")
 
   def __call__(self, x: Array) -> Array:
@@ -181,11 +213,12 @@ class Mlp(nnx.Module):
     h = matmul(x, self.w_in, dt)
     if biased:
       h = h + self.b_in[...].astype(dt)
-    if self.cfg.mlp == "swiglu":
+    if self.cfg.mlp in ("swiglu", "geglu"):
       gate = matmul(x, self.w_gate, dt)
       if biased:
         gate = gate + self.b_gate[...].astype(dt)
-      h = jax.nn.silu(gate) * h
+      act = jax.nn.silu if self.cfg.mlp == "swiglu" else lambda g: jax.nn.gelu(g, approximate=True)
+      h = act(gate) * h
     else:
       h = jax.nn.gelu(h, approximate=True)
     out = matmul(h, self.w_out, dt)
@@ -195,21 +228,31 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); with `post_norms` each
+  sublayer's output is normalized too before it is added (Gemma)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.post_norms = cfg.post_norms
     self.attn_norm = Norm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = Norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs)
+    if cfg.post_norms:
+      self.attn_out_norm = Norm(cfg, rngs)
+      self.mlp_out_norm = Norm(cfg, rngs)
 
   def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None):
     # The residual stream is split by rows only at block boundaries: under FSDP this makes XLA
     # gather weights rather than whole-batch activations (a no-op without a jit mesh).
     x = constrain(x, RESIDUAL_AXES)
     a, kv_cache = self.attn(self.attn_norm(x), rotary, mask, kv_cache, cache_end)
+    if self.post_norms:
+      a = self.attn_out_norm(a)
     x = x + a
-    x = x + self.mlp(self.mlp_norm(x))
+    m = self.mlp(self.mlp_norm(x))
+    if self.post_norms:
+      m = self.mlp_out_norm(m)
+    x = x + m
     return constrain(x, RESIDUAL_AXES), kv_cache
 
 
@@ -269,54 +312,84 @@ class Transformer(nnx.Module):
       what = "sequence" if cache is None else "KV cache"
       raise ValueError(f"a {what} of {length} tokens exceeds model.max_seq_len={cfg.max_seq_len}")
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    if cfg.scale_embeddings:
+      # transformers rounds sqrt(d) to a float32 tensor, then casts it to the compute dtype.
+      x = x * jnp.asarray(np.float32(math.sqrt(cfg.d_model))).astype(dt)
     if cfg.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     t = tokens.shape[1]
     if cache is None:
       slots = jnp.arange(t)
-      mask = attention_mask(segment_ids, segment_ids, slots, slots, cfg.sliding_window)
+      q_slots, k_slots, k_segments = slots, slots, segment_ids
     else:
       end = cache["end"]
       k_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
-      mask = attention_mask(segment_ids, k_segments, end + jnp.arange(t), jnp.arange(k_segments.shape[1]),
-                            cfg.sliding_window)
+      q_slots, k_slots = end + jnp.arange(t), jnp.arange(k_segments.shape[1])
 
-    rotary = rotary_tables(positions, cfg) if cfg.position == "rope" else None
+    # (rotary, mask) of each layer kind, built once and only for the kinds the model has.
+    local = cfg.local_layers
+    def inputs_of(is_local):
+      rotary = rotary_tables(positions, cfg, local=is_local) if cfg.position == "rope" else None
+      window = cfg.sliding_window if is_local else 0
+      return rotary, attention_mask(segment_ids, k_segments, q_slots, k_slots, window)
+    kinds = {kind: inputs_of(kind) for kind in sorted(set(local))}
+    mixed = len(kinds) == 2
     graphdef, stacked = nnx.split(self.blocks)
 
-    def layer(x, layer_params, kv):
+    def layer(x, layer_params, kv, is_local):
+      # is_local: a traced per-layer flag in the scan (this layer's tables and mask selected
+      # elementwise, inside the remat so the backward pass recomputes rather than stores them),
+      # a static bool in the cached loop, None when every layer is of one kind.
+      if is_local is None:
+        rotary, mask = kinds[local[0]]
+      elif isinstance(is_local, bool):
+        rotary, mask = kinds[is_local]
+      else:
+        rotary, mask = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), kinds[True], kinds[False])
       block = nnx.merge(graphdef, layer_params)
       return block(x, rotary, mask, kv, None if cache is None else cache["end"])
 
-    if cfg.remat == "full":
-      layer = jax.checkpoint(layer)
-    elif cfg.remat == "dots":
-      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+    def remat(fn, static=()):
+      if cfg.remat == "full":
+        return jax.checkpoint(fn, static_argnums=static)
+      if cfg.remat == "dots":
+        return jax.checkpoint(fn, static_argnums=static,
+                              policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+      return fn
 
     if cache is None:
-      def body(x, layer_params):
-        x, _ = layer(x, layer_params, None)
+      scanned_layer = remat(layer)
+      def body(x, scanned):
+        layer_params, is_local = scanned
+        x, _ = scanned_layer(x, layer_params, None, is_local)
         return x, None
-      x, _ = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
+      # The per-layer kind rides with the stacked params (None when every layer is alike).
+      flags = jnp.asarray(local) if mixed else None
+      x, _ = jax.lax.scan(body, x, (stacked, flags), unroll=cfg.scan_unroll)
       new_cache = None
     else:
       # Cached calls (prefill, decode) loop over layers with a static index, each layer owning its
       # cache arrays: no per-step slicing or restacking of the whole cache, and each update is an
-      # in-place write of the new tokens' keys and values.
+      # in-place write of the new tokens' keys and values. The layer's kind is static here too.
+      cached_layer = remat(layer, static=(3,))
       ks, vs = [], []
       for i in range(cfg.n_layers):
         layer_params = jax.tree.map(lambda a: a[i], stacked)
-        x, (k_i, v_i) = layer(x, layer_params, (cache["k"][i], cache["v"][i]))
+        x, (k_i, v_i) = cached_layer(x, layer_params, (cache["k"][i], cache["v"][i]),
+                                     local[i] if mixed else None)
         ks.append(k_i)
         vs.append(v_i)
       new_cache = dict(k=tuple(ks), v=tuple(vs), segment_ids=k_segments, end=cache["end"] + t)
     return self.final_norm(x), new_cache
 
   def unembed(self, h: Array) -> Array:
-    """[B, T, d] hidden -> [B, T, V] float32 logits (matmul in compute dtype, fp32 accumulate)."""
+    """[B, T, d] hidden -> [B, T, V] float32 logits (matmul in compute dtype, fp32 accumulate;
+    soft-capped with `final_softcap`)."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     b, t, d = h.shape
     logits = jnp.matmul(h.reshape(b * t, d), w.astype(h.dtype), preferred_element_type=jnp.float32)
+    if self.cfg.final_softcap:
+      logits = softcap(logits, self.cfg.final_softcap)
     return logits.reshape(b, t, -1)
 
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache=None):

@@ -6,8 +6,14 @@ Supported architectures (`config.json` `architectures`, or `model_type` when tha
                                SwiGLU, grouped-query attention, optional attention/MLP biases
                                (Llama 2, Llama 3.x)
   MistralForCausalLM (mistral) as Llama, with sliding-window attention
-  Qwen2ForCausalLM (qwen2)     as Llama, with q/k/v biases; sliding windows on every layer or none
+  Qwen2ForCausalLM (qwen2)     as Llama, with q/k/v biases; a sliding window on every layer, on
+                               some (`max_window_layers` / `layer_types`) or none
   Qwen3ForCausalLM (qwen3)     as Llama, with RMSNorm on each head's queries and keys
+  Gemma2ForCausalLM (gemma2)   GeGLU, (1 + w) RMSNorms before and after each sublayer, embeddings
+                               scaled by sqrt(d), local/global layers (`layer_types`), attention
+                               and final logit soft-capping, `query_pre_attn_scalar`
+  Gemma3ForCausalLM (gemma3_text)  as Gemma 2 with (1 + w) q/k norms, no soft-capping, and a
+                               separate RoPE base for local layers (`rope_local_base_freq`)
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("llama", "mistral"),
     "Qwen2ForCausalLM": ("llama", "qwen2"),
     "Qwen3ForCausalLM": ("llama", "qwen3"),
+    "Gemma2ForCausalLM": ("gemma", "gemma2"),
+    "Gemma3ForCausalLM": ("gemma", "gemma3_text"),
 }
 MODEL_TYPES = {model_type: arch for arch, (_, model_type) in ARCHITECTURES.items()}
 # Tensors some checkpoints carry that are not weights (GPT-2's causal-mask buffers, old Llama
@@ -66,10 +74,12 @@ def architecture_of(hf: dict) -> str:
   return MODEL_TYPES[model_type]
 
 
-def _rope_fields(hf: dict, where: str) -> dict:
+def _rope_fields(hf: dict, where: str, params: dict | None = None) -> dict:
   """ModelConfig's rope_* fields from `rope_parameters` (transformers >= 5) or `rope_theta` and
-  `rope_scaling` (older); HFError for a variant alignax does not implement."""
-  params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+  `rope_scaling` (older), or from `params` (one layer type's); HFError for a variant alignax does
+  not implement."""
+  if params is None:
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
   if any(isinstance(v, dict) for v in params.values()):
     raise HFError(f"{where}: per-layer-type rope_parameters are unsupported")
   rope_type = params.get("rope_type") or params.get("type") or "default"
@@ -128,27 +138,94 @@ def _rope_to_hf(cfg: ModelConfig) -> dict:
   return out
 
 
-def _sliding_window(hf: dict, model_type: str, max_seq_len: int, where: str) -> int:
-  """The sliding window every layer uses (0: none, or one that covers every position used,
-  which is the same as full attention); HFError when only some layers slide."""
+def _sliding_window(hf: dict, model_type: str, max_seq_len: int, where: str) -> tuple[int, str]:
+  """(sliding_window, layer_pattern) of a Mistral/Qwen2/Qwen3 config: (0, "") when no layer
+  slides or the window covers every position used (the same as full attention), (window, "")
+  when every layer slides, else the window and one "L"/"G" per layer."""
   window = hf.get("sliding_window")
+  n = int(hf["num_hidden_layers"])
+  sliding = [True] * n
   if model_type in ("qwen2", "qwen3"):
+    if not hf.get("use_sliding_window", False):
+      window = None  # transformers drops the window unless use_sliding_window
     layer_types = hf.get("layer_types")
     if layer_types is not None:
-      sliding = [t == "sliding_attention" for t in layer_types]
-    else:  # before transformers 5: layers >= max_window_layers slide when use_sliding_window
-      first = int(hf.get("max_window_layers", 0)) if hf.get("use_sliding_window") else None
-      sliding = [first is not None and i >= first for i in range(int(hf["num_hidden_layers"]))]
-    if not any(sliding):
-      return 0
-    if not all(sliding) and window is not None and int(window) < max_seq_len:
-      raise HFError(
-          f"{where}: sliding-window attention on {sum(sliding)} of {len(sliding)} layers is "
-          f"unsupported (alignax slides on every layer or none). Pass max_seq_len <= {window} "
-          "(import-hf --max_seq_len), where the window covers every position")
-  if window is None or int(window) >= max_seq_len:
-    return 0
-  return int(window)
+      sliding = _sliding_layers(layer_types, n, where)
+    else:  # before transformers 5: layers >= max_window_layers slide
+      first = int(hf.get("max_window_layers", 0))
+      sliding = [i >= first for i in range(n)]
+  if window is None or int(window) >= max_seq_len or not any(sliding):
+    return 0, ""
+  return int(window), "" if all(sliding) else "".join("L" if s else "G" for s in sliding)
+
+
+def _sliding_layers(layer_types, n: int, where: str) -> list[bool]:
+  """Per layer, whether `layer_types` (transformers' names) makes it a sliding-window layer."""
+  kinds = ("sliding_attention", "full_attention")
+  if len(layer_types) != n or any(t not in kinds for t in layer_types):
+    raise HFError(f"{where}: layer_types must give one of {kinds} for each of the {n} layers, "
+                  f"got {layer_types}")
+  return [t == "sliding_attention" for t in layer_types]
+
+
+def _gemma_fields(hf: dict, model_type: str, max_seq_len: int | None, where: str) -> dict:
+  """ModelConfig fields of a Gemma 2 / Gemma 3 text config (transformers' class defaults where
+  config.json leaves a key out)."""
+  gemma3 = model_type == "gemma3_text"
+  if hf.get("use_bidirectional_attention"):
+    raise HFError(f"{where}: use_bidirectional_attention=True (an encoder) is unsupported")
+  act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+  if act not in GELU_TANH:
+    raise HFError(f"{where}: hidden_activation {act!r} is unsupported; alignax's GeGLU is the tanh "
+                  f"approximation ({', '.join(GELU_TANH)})")
+  n = int(hf["num_hidden_layers"])
+  layer_types = hf.get("layer_types")
+  if layer_types is None:  # older configs: every `sliding_window_pattern`-th layer is global
+    pattern = int(hf.get("sliding_window_pattern") or 6) if gemma3 else 2
+    layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+  sliding = _sliding_layers(layer_types, n, where)
+  window = hf.get("sliding_window", 4096)
+  if any(sliding) and not window:
+    raise HFError(f"{where}: sliding-window layers need a sliding_window (got {window!r})")
+  # The window is kept even when it covers max_seq_len: the layer kinds also choose the RoPE.
+  window = int(window) if any(sliding) else 0
+  max_pos = int(hf.get("max_position_embeddings") or (131072 if gemma3 else 8192))
+  seq = int(max_seq_len or max_pos)
+  hf = {**hf, "max_position_embeddings": max_pos}
+  if gemma3:
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:  # transformers >= 5
+      full = dict(params.get("full_attention") or {})
+      local = dict(params.get("sliding_attention") or {})
+    else:  # transformers 4: rope_theta and rope_scaling for the global layers
+      full, local = {**(hf.get("rope_scaling") or {}), **params}, {}
+    full.setdefault("rope_theta", hf.get("rope_theta", 1e6))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", 1e4))
+    if (local.get("rope_type") or local.get("type") or "default") != "default":
+      raise HFError(f"{where}: RoPE scaling on the sliding-window layers is unsupported (alignax "
+                    "scales the global layers' RoPE only)")
+    rope = dict(_rope_fields(hf, where, full), rope_local_theta=float(local["rope_theta"]))
+  else:
+    rope = _rope_fields(hf, where)
+
+  def cap(key, default):
+    return float(hf.get(key, default) or 0.0)
+
+  heads = int(hf["num_attention_heads"])
+  return dict(
+      vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), n_layers=n, n_heads=heads,
+      n_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=int(hf.get("head_dim") or 256),
+      d_ff=int(hf["intermediate_size"]), max_seq_len=seq, norm="rmsnorm",
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm_plus_one=True, post_norms=True,
+      position="rope", **rope, mlp="geglu",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", True)), use_bias=False,
+      attention_bias=bool(hf.get("attention_bias", False)), qk_norm=gemma3,
+      sliding_window=window, layer_pattern="".join("L" if s else "G" for s in sliding),
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256),
+      # transformers' Gemma 3 attention never applies attn_logit_softcapping: neither does alignax.
+      attn_softcap=0.0 if gemma3 else cap("attn_logit_softcapping", 50.0),
+      final_softcap=cap("final_logit_softcapping", None if gemma3 else 30.0),
+      scale_embeddings=True)
 
 
 def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None = None,
@@ -186,12 +263,15 @@ def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None 
           norm="layernorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), position="learned",
           mlp="gelu", tie_embeddings=bool(hf.get("tie_word_embeddings", True)), use_bias=True,
           dtype=compute, param_dtype=dtype)
+    elif family == "gemma":
+      cfg = ModelConfig(**_gemma_fields(hf, model_type, max_seq_len, where), dtype=compute,
+                        param_dtype=dtype)
     else:
       act = hf.get("hidden_act", "silu")
       if act not in ("silu", "swish"):
         raise HFError(f"{where}: hidden_act {act!r} is unsupported (alignax's SwiGLU uses silu)")
       seq = int(max_seq_len or hf["max_position_embeddings"])
-      window = _sliding_window(hf, model_type, seq, where) if model_type != "llama" else 0
+      window, pattern = _sliding_window(hf, model_type, seq, where) if model_type != "llama" else (0, "")
       heads = int(hf["num_attention_heads"])
       cfg = ModelConfig(
           vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
@@ -202,7 +282,7 @@ def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None 
           mlp="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)), use_bias=False,
           qkv_bias=model_type == "qwen2", attention_bias=bool(hf.get("attention_bias", False)),
           mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
-          sliding_window=window, dtype=compute, param_dtype=dtype)
+          sliding_window=window, layer_pattern=pattern, dtype=compute, param_dtype=dtype)
   except KeyError as e:
     raise HFError(f"{where}: {arch} config is missing {e.args[0]!r}") from None
   except ValueError as e:  # ModelConfig.validate
@@ -210,21 +290,99 @@ def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None 
   return cfg, arch
 
 
+# ModelConfig fields only Gemma's architectures have a place for.
+GEMMA_ONLY = ("norm_plus_one", "post_norms", "scale_embeddings", "query_pre_attn_scalar",
+              "attn_softcap", "final_softcap", "rope_local_theta")
+
+
+def _partial_window(cfg: ModelConfig) -> bool:
+  """Whether some layers slide and others do not."""
+  return len(set(cfg.local_layers)) == 2
+
+
+def _check_gemma_only(cfg: ModelConfig, architecture: str) -> None:
+  for name in GEMMA_ONLY:
+    if getattr(cfg, name):
+      raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)}); export as "
+                    "Gemma2ForCausalLM or Gemma3ForCausalLM")
+
+
 def _check_llama_family(cfg: ModelConfig, architecture: str, model_type: str) -> None:
   """HFError when `architecture` has no place for one of cfg's choices."""
+  _check_gemma_only(cfg, architecture)
   has = {"qkv_bias": cfg.qkv_bias, "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias,
-         "qk_norm": cfg.qk_norm, "sliding_window": bool(cfg.sliding_window)}
+         "qk_norm": cfg.qk_norm, "sliding_window": any(cfg.local_layers),
+         "layer_pattern": _partial_window(cfg)}
   allowed = {"llama": {"attention_bias", "mlp_bias"}, "mistral": {"sliding_window"},
-             "qwen2": {"qkv_bias", "sliding_window"},
-             "qwen3": {"qk_norm", "attention_bias", "sliding_window"}}[model_type]
+             "qwen2": {"qkv_bias", "sliding_window", "layer_pattern"},
+             "qwen3": {"qk_norm", "attention_bias", "sliding_window", "layer_pattern"}}[model_type]
   for name, present in has.items():
     if present and name not in allowed:
       where = {"qkv_bias": "Qwen2ForCausalLM", "qk_norm": "Qwen3ForCausalLM",
                "sliding_window": "MistralForCausalLM", "mlp_bias": "LlamaForCausalLM",
-               "attention_bias": "LlamaForCausalLM"}[name]
+               "attention_bias": "LlamaForCausalLM", "layer_pattern": "Qwen2ForCausalLM"}[name]
       raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)}); export as {where}")
   if model_type == "qwen3" and not cfg.qk_norm:
     raise HFError("Qwen3ForCausalLM always normalizes queries and keys (qk_norm=True)")
+
+
+def _check_gemma_family(cfg: ModelConfig, architecture: str, model_type: str) -> None:
+  """HFError when `architecture` has no place for one of cfg's choices."""
+  gemma3 = model_type == "gemma3_text"
+  refusals = [
+      (cfg.mlp_bias, "mlp_bias", "LlamaForCausalLM"),
+      (cfg.qkv_bias and not cfg.attention_bias, "qkv_bias", "Qwen2ForCausalLM"),
+      (cfg.qk_norm and not gemma3, "qk_norm", "Gemma3ForCausalLM"),
+      (cfg.rope_local_theta and not gemma3, "rope_local_theta", "Gemma3ForCausalLM"),
+      # transformers' Gemma 3 attention ignores attn_logit_softcapping.
+      (cfg.attn_softcap and gemma3, "attn_softcap", "Gemma2ForCausalLM"),
+  ]
+  for present, name, where in refusals:
+    if present:
+      raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)}); export as {where}")
+  if gemma3 and not cfg.qk_norm:
+    raise HFError("Gemma3ForCausalLM always normalizes queries and keys (qk_norm=True)")
+  if gemma3 and not cfg.rope_local_theta and cfg.rope_scaling != "none":
+    raise HFError("Gemma3ForCausalLM's local layers use plain RoPE: set rope_local_theta (with "
+                  f"rope_scaling={cfg.rope_scaling!r} on the global layers)")
+
+
+def _number(x: float):
+  """An integral float as an int (transformers' strict configs type some of these `int`)."""
+  return int(x) if float(x).is_integer() else float(x)
+
+
+def _gemma_to_hf(cfg: ModelConfig, architecture: str, model_type: str) -> dict:
+  local = cfg.local_layers
+  hf = dict(
+      architectures=[architecture], model_type=model_type, vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
+      max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+      hidden_activation="gelu_pytorch_tanh",
+      query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar or cfg.dim_per_head),
+      # Without local layers the window is unused, but transformers builds its mask regardless.
+      sliding_window=cfg.sliding_window if any(local) else cfg.max_seq_len,
+      layer_types=["sliding_attention" if s else "full_attention" for s in local],
+      attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=cfg.final_softcap or None,
+      attention_bias=cfg.attention_bias, tie_word_embeddings=cfg.tie_embeddings,
+      attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+      # Both spellings, as for Llama: rope_theta (and rope_scaling) for transformers 4.
+      rope_theta=cfg.rope_theta)
+  if cfg.rope_scaling != "none":
+    hf.update(rope_scaling=_rope_to_hf(cfg))
+  if model_type == "gemma3_text":
+    theta = cfg.rope_local_theta or cfg.rope_theta
+    hf.update(rope_local_base_freq=theta, rope_parameters=dict(
+        full_attention=_rope_to_hf(cfg), sliding_attention=dict(rope_type="default", rope_theta=theta)))
+    # transformers 4 before layer_types read every `sliding_window_pattern`-th layer as global.
+    for pattern in range(1, cfg.n_layers + 2):
+      if all(s == bool((i + 1) % pattern) for i, s in enumerate(local)):
+        hf.update(sliding_window_pattern=pattern)
+        break
+  else:
+    hf.update(rope_parameters=_rope_to_hf(cfg))
+  return hf
 
 
 def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=None) -> dict:
@@ -232,30 +390,47 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
 
   Args:
     architecture: None picks GPT2LMHeadModel for GPT-2 style configs; for Llama style ones
-      Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v biases, MistralForCausalLM with
-      a sliding window, otherwise LlamaForCausalLM. Naming one checks it fits.
+      Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v biases or a window on some
+      layers only, MistralForCausalLM with a sliding window, otherwise LlamaForCausalLM; for
+      Gemma style ones (GeGLU, (1 + w) norms before and after each sublayer, scaled embeddings)
+      Gemma3ForCausalLM with q/k norms, otherwise Gemma2ForCausalLM. Naming one checks it fits.
     tokenizer: optional alignax tokenizer whose bos/eos/pad ids go into the config.
   """
-  gpt2_like = (cfg.norm, cfg.position, cfg.mlp, cfg.use_bias) == ("layernorm", "learned", "gelu", True)
-  llama_like = (cfg.norm, cfg.position, cfg.mlp, cfg.use_bias) == ("rmsnorm", "rope", "swiglu", False)
+  style = (cfg.norm, cfg.position, cfg.mlp, cfg.use_bias)
+  gpt2_like = style == ("layernorm", "learned", "gelu", True)
+  llama_like = style == ("rmsnorm", "rope", "swiglu", False)
+  gemma_like = (style == ("rmsnorm", "rope", "geglu", False) and cfg.norm_plus_one and cfg.post_norms
+                and cfg.scale_embeddings)
   if architecture is None:
     if gpt2_like:
       architecture = "GPT2LMHeadModel"
     elif llama_like:
-      architecture = ("Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias
+      architecture = ("Qwen3ForCausalLM" if cfg.qk_norm
+                      else "Qwen2ForCausalLM" if cfg.qkv_bias or _partial_window(cfg)
                       else "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM")
+    elif gemma_like:
+      architecture = "Gemma3ForCausalLM" if cfg.qk_norm else "Gemma2ForCausalLM"
   choices = (f"norm={cfg.norm}, position={cfg.position}, mlp={cfg.mlp}, use_bias={cfg.use_bias}")
-  needs = ("GPT-2 needs layernorm/learned/gelu/use_bias, the others rmsnorm/rope/swiglu without "
-           "use_bias")
+  needs = ("GPT-2 needs layernorm/learned/gelu/use_bias, Llama/Mistral/Qwen rmsnorm/rope/swiglu "
+           "without use_bias, Gemma rmsnorm/rope/geglu without use_bias, with norm_plus_one, "
+           "post_norms and scale_embeddings")
   if architecture is None:
     raise HFError(f"cannot export {choices}: no Hugging Face architecture matches ({needs})")
   if architecture not in ARCHITECTURES:
     raise HFError(f"cannot export as {architecture!r}; supported: {_supported()}")
   family, model_type = ARCHITECTURES[architecture]
-  if family == "gpt2" and not gpt2_like or family == "llama" and not llama_like:
+  fits = {"gpt2": gpt2_like, "llama": llama_like, "gemma": gemma_like}[family]
+  if not fits:
     raise HFError(f"cannot export {choices} as {architecture} ({needs})")
-  if family == "llama":
+  if family == "gpt2":
+    _check_gemma_only(cfg, architecture)
+    if any(cfg.local_layers):
+      raise HFError(f"{architecture} has no sliding_window ({cfg.sliding_window}); export as "
+                    "MistralForCausalLM")
+  elif family == "llama":
     _check_llama_family(cfg, architecture, model_type)
+  else:
+    _check_gemma_family(cfg, architecture, model_type)
   ids = {}
   if tokenizer is not None:
     ids = dict(bos_token_id=int(tokenizer.bos_id), eos_token_id=int(tokenizer.eos_id),
@@ -273,6 +448,8 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
         # alignax trains without dropout; HF's GPT-2 defaults (0.1) would change fine-tuning there.
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  elif family == "gemma":
+    hf = _gemma_to_hf(cfg, architecture, model_type)
   else:
     hf = dict(
         architectures=[architecture], model_type=model_type, vocab_size=cfg.vocab_size,
@@ -290,12 +467,16 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
       hf.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
     if model_type == "qwen3":
       hf.update(attention_bias=cfg.attention_bias)
-    window = cfg.sliding_window or None
+    local = cfg.local_layers
+    window = cfg.sliding_window if any(local) else None
     if model_type == "mistral":
       hf.update(sliding_window=window)
     if model_type in ("qwen2", "qwen3"):
-      hf.update(sliding_window=window, use_sliding_window=window is not None, max_window_layers=0,
-                layer_types=[("sliding_attention" if window else "full_attention")] * cfg.n_layers)
+      # max_window_layers for transformers 4 (layers from it on slide): exact when the window is
+      # on the top layers, as Qwen2 puts it; layer_types (transformers 5) says it for any pattern.
+      first = next((i for i, s in enumerate(local) if s), 0)
+      hf.update(sliding_window=window, use_sliding_window=window is not None, max_window_layers=first,
+                layer_types=["sliding_attention" if s else "full_attention" for s in local])
   hf.update(ids)
   # "torch_dtype" for transformers 4, "dtype" for 5.
   hf.update(torch_dtype=cfg.param_dtype, dtype=cfg.param_dtype)

@@ -64,13 +64,18 @@ def _check_tensors(reader, rules, stored, cfg, arch, src_dir) -> tuple[list[str]
   return wanted, ignored
 
 
-def _read_tensors(reader, rules, stored, n_layers: int, target) -> dict[str, np.ndarray]:
-  """{alignax path: array in `target` dtype}, per-layer tensors stacked on a leading axis."""
+def _read_tensors(reader, rules, stored, n_layers: int, target, adjust=None) -> dict[str, np.ndarray]:
+  """{alignax path: array in `target` dtype}, per-layer tensors stacked on a leading axis.
+
+  `adjust(path, layer, x) -> x`, when given, rewrites each per-layer tensor before the cast (a
+  merged adapter, added to the checkpoint's own values so the result is rounded once)."""
   flat: dict[str, np.ndarray] = {}
   for rule in rules:
     per_path = [[] for _ in rule.paths]
-    for name in _layer_names(rule, n_layers):
-      for acc, x in zip(per_path, rule.to_alignax(reader.get(stored(name)))):
+    for i, name in enumerate(_layer_names(rule, n_layers)):
+      for path, acc, x in zip(rule.paths, per_path, rule.to_alignax(reader.get(stored(name)))):
+        if adjust is not None and "{i}" in rule.hf:
+          x = adjust(path, i, x)
         acc.append(np.ascontiguousarray(x.astype(target)))  # cast per tensor: one copy at a time
     for path, acc in zip(rule.paths, per_path):
       flat[path] = np.stack(acc) if "{i}" in rule.hf else acc[0]
@@ -78,7 +83,8 @@ def _read_tensors(reader, rules, stored, n_layers: int, target) -> dict[str, np.
 
 
 def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None = None,
-              mean_init_ids: Sequence[int] = (), max_seq_len: int | None = None):
+              mean_init_ids: Sequence[int] = (), max_seq_len: int | None = None,
+              adapter: str | None = None):
   """Reads a local Hugging Face checkpoint into alignax params.
 
   Args:
@@ -92,11 +98,15 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
     mean_init_ids: existing rows to reset to the mean the same way (markers a tokenizer added
       inside a vocabulary the checkpoint already padded, as Qwen2's is).
     max_seq_len: alignax max_seq_len (default: the checkpoint's max positions).
+    adapter: a PEFT LoRA adapter directory (`alignax.models.hf.peft`) to merge into the weights:
+      W + lora_alpha / r * A @ B, computed in float32 from the checkpoint's values and stored in
+      `dtype`.
 
   Returns:
     (cfg, params, info): the ModelConfig; an `nnx.State` shaped like `abstract_lm(cfg)`; a dict
     with architecture, model_type, num_params, dtype, source_dtypes, files, hf_vocab_size,
-    ignored_tensors and hf_config.
+    ignored_tensors, hf_config and adapter (None, or {path, base_model_name_or_path, rank,
+    alpha, targets}).
   """
   src_dir = os.path.abspath(src_dir)
   hf = _read_json(os.path.join(src_dir, "config.json"))
@@ -110,6 +120,10 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
   files = weight_files(src_dir)
   hf_positions = int(hf["n_positions"]) if family == "gpt2" else None
   rules = rules_for(cfg, family, hf_positions)
+  adjust, adapter_info = None, None
+  if adapter is not None:
+    # Read and checked before the (possibly large) base, so a bad adapter fails fast.
+    adjust, adapter_info = _adapter_merger(adapter, cfg)
   with SafetensorsReader(files) as reader:
     # A config.json with absurd sizes is refused before anything is built from it.
     implied, held = cfg.num_params(), reader.nbytes()
@@ -119,7 +133,7 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
     stored = _stored_name(reader, family)
     wanted, ignored = _check_tensors(reader, rules, stored, cfg, arch, src_dir)
     source_dtypes = sorted({reader.dtype(n) for n in wanted})
-    flat = _read_tensors(reader, rules, stored, cfg.n_layers, jnp.dtype(dtype))
+    flat = _read_tensors(reader, rules, stored, cfg.n_layers, jnp.dtype(dtype), adjust)
 
   hf_vocab = cfg.vocab_size
   new_vocab = max(hf_vocab, int(pad_vocab_to or 0))
@@ -134,8 +148,28 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
   params = params_from_flat(cfg, flat)
   info = dict(architecture=arch, model_type=model_type, num_params=count_params(params), dtype=dtype,
               source_dtypes=source_dtypes, files=files, hf_vocab_size=hf_vocab,
-              vocab_size=cfg.vocab_size, ignored_tensors=ignored, hf_config=hf)
+              vocab_size=cfg.vocab_size, ignored_tensors=ignored, hf_config=hf, adapter=adapter_info)
   return cfg, params, info
+
+
+def _adapter_merger(adapter_dir: str, cfg) -> tuple[Callable, dict]:
+  """(adjust for `_read_tensors`, info) of a PEFT adapter on the model of `cfg`."""
+  from alignax.models.hf.peft import CONFIG_FILE, layer_delta, read_peft_adapter
+  from alignax.models.lora import TARGETS
+  adapter_dir = os.path.abspath(adapter_dir)
+  adapters, lora_cfg = read_peft_adapter(adapter_dir, cfg)
+  by_path = {f"blocks/{TARGETS[name][0]}/{name}": ab
+             for group in adapters["blocks"].values() for name, ab in group.items()}
+
+  def adjust(path: str, layer: int, x: np.ndarray) -> np.ndarray:
+    if path not in by_path:
+      return x
+    return x.astype(np.float32) + layer_delta(by_path[path], lora_cfg.scale, layer, x.shape)
+
+  base = _read_json(os.path.join(adapter_dir, CONFIG_FILE)).get("base_model_name_or_path")
+  info = dict(path=adapter_dir, base_model_name_or_path=base, rank=lora_cfg.rank,
+              alpha=lora_cfg.alpha, targets=lora_cfg.targets)
+  return adjust, info
 
 
 def _grow_vocab(flat: dict[str, np.ndarray], old: int, new: int, mean_ids: Sequence[int]) -> dict:

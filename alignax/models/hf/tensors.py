@@ -23,6 +23,14 @@ stores [out, in], alignax [in, out], hence the transposes; GPT-2's `Conv1D` is a
   model.norm.weight [d]                           final_norm.scale       -
   lm_head.weight [V, d] (untied only)             lm_head [d, V]         .T
 
+  Gemma 2 / 3: as Llama (q/k norms as Qwen3's, Gemma 3), but four norms per layer; every norm
+  weight is stored zero-centred on both sides (the scale is 1 + w: `norm_plus_one`), so it maps
+  as it is and round-trips exactly:
+  model.layers.i.input_layernorm.weight           blocks.attn_norm.scale      -
+  model.layers.i.post_attention_layernorm.weight  blocks.attn_out_norm.scale  -
+  model.layers.i.pre_feedforward_layernorm.weight blocks.mlp_norm.scale       -
+  model.layers.i.post_feedforward_layernorm.weight blocks.mlp_out_norm.scale  -
+
   GPT-2 ("transformer." prefix optional)          alignax                transform
   transformer.wte.weight [V, d]                   embed                  -
   transformer.wpe.weight [P, d]                   pos_embed [P, d]       - (first max_seq_len rows)
@@ -107,7 +115,7 @@ def _split3(paths: tuple[str, str, str], hf: str, hf_shape, shape) -> Rule:
 
 
 def rules_for(cfg: ModelConfig, family: str, hf_positions: int | None = None) -> list[Rule]:
-  """The tensor rules of an HF checkpoint of `family` ("gpt2" or "llama") for `cfg`.
+  """The tensor rules of an HF checkpoint of `family` ("gpt2", "llama" or "gemma") for `cfg`.
 
   Args:
     hf_positions: GPT-2's n_positions when it differs from cfg.max_seq_len (import keeps the
@@ -141,14 +149,18 @@ def rules_for(cfg: ModelConfig, family: str, hf_positions: int | None = None) ->
     ]
   else:
     m, a = "model.layers.{i}.", "blocks/attn/"
+    if cfg.post_norms:
+      norms = (("attn_norm", "input_layernorm"), ("attn_out_norm", "post_attention_layernorm"),
+               ("mlp_norm", "pre_feedforward_layernorm"), ("mlp_out_norm", "post_feedforward_layernorm"))
+    else:
+      norms = (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"))
+    rules.append(_same("embed", "model.embed_tokens.weight", (v, d)))
+    rules += [_same(f"blocks/{norm}/scale", f"{m}{hf_norm}.weight", (d,)) for norm, hf_norm in norms]
     rules += [
-        _same("embed", "model.embed_tokens.weight", (v, d)),
-        _same("blocks/attn_norm/scale", m + "input_layernorm.weight", (d,)),
         _linear(a + "wq", m + "self_attn.q_proj.weight", d, (h, dh)),
         _linear(a + "wk", m + "self_attn.k_proj.weight", d, (k, dh)),
         _linear(a + "wv", m + "self_attn.v_proj.weight", d, (k, dh)),
         _linear_out(a + "wo", m + "self_attn.o_proj.weight", (h, dh), d),
-        _same("blocks/mlp_norm/scale", m + "post_attention_layernorm.weight", (d,)),
         _linear("blocks/mlp/w_gate", m + "mlp.gate_proj.weight", d, (f,)),
         _linear("blocks/mlp/w_in", m + "mlp.up_proj.weight", d, (f,)),
         _linear("blocks/mlp/w_out", m + "mlp.down_proj.weight", f, (d,)),
