@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "sentencepiece>=0.2.0",
     "flask>=3.0",
+    "safetensors>=0.4",  # LoRA adapters in exports (export/lora/adapters.safetensors)
+    # A checkpoint's own Jinja chat template (data.chat_template="model"), rendered in jinja's
+    # sandbox; 3.1.6 closes its known sandbox escapes.
+    "jinja2>=3.1.6",
 ]
 
 # Hugging Face checkpoint import/export and tokenizer.json (install torch's CPU build for the tests).

@@ -1,5 +1,6 @@
-"""`alignax import-hf --src=HF_DIR --dst=WORKDIR [--dtype=...]`: a Hugging Face checkpoint
-directory -> an alignax export any stage starts from (`--config.init.workdir=WORKDIR`)."""
+"""`alignax import-hf --src=HF_DIR --dst=WORKDIR [--dtype=...] [--adapter=PEFT_DIR]`: a Hugging
+Face checkpoint directory (with a PEFT LoRA adapter merged into it, if given) -> an alignax export
+any stage starts from (`--config.init.workdir=WORKDIR`)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ def _tokenizer_for(src: str):
 def main(flags) -> None:
   """`alignax import-hf`: import `flags.src` and write an alignax export to `flags.dst`.
 
-  The tokenizer spec of the export is `DST/tokenizer.json` (copied, with tokenizer_config.json
-  and special_tokens_map.json), else `DST/tokenizer.model`, else "bytes" (with a warning). The
-  vocabulary grows to the tokenizer's when it added chat role markers.
+  The tokenizer spec of the export is `DST/tokenizer.json` (copied, with tokenizer_config.json,
+  special_tokens_map.json and chat_template.jinja), else `DST/tokenizer.model`, else "bytes" (with a warning). The
+  vocabulary grows to the tokenizer's when it added chat role markers. `flags.adapter` (optional)
+  names a PEFT LoRA adapter directory merged into the weights; the export's metadata records it.
   """
   from alignax.checkpoint import save_export
   from alignax.data.tokenizer import ByteTokenizer
@@ -42,8 +44,13 @@ def main(flags) -> None:
   src, dst = os.path.abspath(flags.src), os.path.abspath(flags.dst)
   dtype = flags.dtype or "float32"
   max_seq_len = getattr(flags, "max_seq_len", None) or None  # only if the CLI defines it
+  adapter = getattr(flags, "adapter", None) or None
   if not os.path.isdir(src):
     raise HFError(f"--src={flags.src}: not a directory")
+  if adapter is not None:
+    adapter = os.path.abspath(adapter)
+    if not os.path.isdir(adapter):
+      raise HFError(f"--adapter={flags.adapter}: not a directory")
   held = [n for n in ("export", "checkpoints", "config.json", "metrics.jsonl")
           if os.path.exists(os.path.join(dst, n))]
   if held:
@@ -54,22 +61,24 @@ def main(flags) -> None:
     tok = ByteTokenizer()
   added = [tok.role_ids[name[2:-2]] for name in getattr(tok, "added_tokens", [])]
   cfg, params, info = import_hf(src, dtype, pad_vocab_to=tok.vocab_size if tok else None,
-                                mean_init_ids=added, max_seq_len=max_seq_len)
+                                mean_init_ids=added, max_seq_len=max_seq_len, adapter=adapter)
 
   os.makedirs(dst, exist_ok=True)
   if kind == "bytes":
     spec = "bytes"
   else:
     spec = os.path.join(dst, kind)
-    extras = ("tokenizer_config.json", "special_tokens_map.json") if kind == "tokenizer.json" else ()
+    extras = (("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+              if kind == "tokenizer.json" else ())
     for name in (kind,) + extras:
       if os.path.isfile(os.path.join(src, name)):
         shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
   if warning:
     logging.warning("%s", warning)
-  path = save_export(dst, params, model=cfg, stage="import", tokenizer=spec,
-                     extra={"hf": {k: info[k] for k in ("architecture", "model_type", "hf_vocab_size")},
-                            "source": src})
+  extra = {"hf": {k: info[k] for k in ("architecture", "model_type", "hf_vocab_size")}, "source": src}
+  if info.get("adapter"):
+    extra["adapter"] = info["adapter"]  # {path, base_model_name_or_path, rank, alpha, targets}
+  path = save_export(dst, params, model=cfg, stage="import", tokenizer=spec, extra=extra)
 
   heads = f"{cfg.n_heads} heads" + (f" / {cfg.kv_heads} kv" if cfg.kv_heads != cfg.n_heads else "")
   vocab = (f"{cfg.vocab_size} (grown from {info['hf_vocab_size']})"
@@ -86,6 +95,10 @@ def main(flags) -> None:
       line += f"; added {', '.join(tok.added_tokens)} at ids {', '.join(map(str, added))}"
     line += ")"
   print(line)
+  if info.get("adapter"):
+    a = info["adapter"]
+    print(f"  adapter: {a['path']} merged (LoRA r={a['rank']}, alpha={a['alpha']:g}, on {a['targets']}"
+          + (f"; trained on {a['base_model_name_or_path']}" if a["base_model_name_or_path"] else "") + ")")
   if warning:
     print(f"  warning: {warning}")
   print(f"  export: {path}")
