@@ -41,6 +41,7 @@ TEST_REQUIRES = [
     "nbclient>=0.10",
     "ipykernel>=6.29",
     "transformers>=4.45",
+    "peft>=0.13",  # tests/test_peft.py: adapters checked against PeftModel
     "selenium>=4.20",
 ] + HF_REQUIRES
 
