@@ -200,7 +200,7 @@ def test_export_hf_lora_peft_command(transformers, peft, tmp_path, capsys):
   again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
   assert rel_error(hf_logits(again), ours) <= 1e-4
 
-  with pytest.raises(HFError, match=r"its export has no LoRA adapters .*model.lora.rank > 0"):
+  with pytest.raises(HFError, match=r"the export has no LoRA adapters .*model.lora.rank > 0"):
     export_hf_main(_export_flags(tmp_path / "imported", tmp_path / "x", "peft"))
   with pytest.raises(HFError, match=r"--lora='both': expected one of merge, peft"):
     export_hf_main(_export_flags(run, tmp_path / "y", "both"))

@@ -156,7 +156,7 @@ def main(flags) -> None:
   adapters = lora_cfg = None
   if lora_mode == "peft":
     from alignax.models.hf.peft import load_adapters
-    adapters, lora_cfg = load_adapters(workdir)  # refuses a run trained without adapters, first
+    adapters, lora_cfg = load_adapters(ckpt_lib.export_path(workdir))  # refuses a run trained without adapters, first
   lm, params, stage, spec, source = load_policy_and_source(workdir)
   if stage == "reward":
     raise HFError(f"{workdir} is a reward model (a scalar head), not a causal LM: export-hf writes "

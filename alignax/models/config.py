@@ -247,6 +247,8 @@ class ModelConfig:
   def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
     """Builds from a dict or ConfigDict, rejecting keys that are not fields."""
     fields = {f.name for f in dataclasses.fields(cls)}
+    # `model.lora.*` is LoraConfig's (see `alignax.config.split_model_section`), not a field here.
+    values = {k: v for k, v in values.items() if k != "lora"}
     unknown = sorted(set(values) - fields)
     if unknown:
       raise ValueError(f"model.{unknown[0]}: unknown model field (known: {', '.join(sorted(fields))})")

@@ -294,15 +294,15 @@ def merge_peft_into(params: dict, adapters, lora_cfg: LoraConfig) -> dict:
   return out
 
 
-def load_adapters(workdir: str) -> tuple[dict, LoraConfig]:
-  """(adapters, LoraConfig) of a LoRA run's export: `WORKDIR/export/lora/adapters.safetensors`
+def load_adapters(export_dir: str) -> tuple[dict, LoraConfig]:
+  """(adapters, LoraConfig) of a LoRA run's export directory (`WORKDIR/export`):
+  `lora/adapters.safetensors`
   (flat keys "blocks/attn/wq/a", ...) and `lora.json` ({"rank", "alpha", "dropout", "targets"},
   plus `scale`, checked against alpha / rank). HFError when the run has no adapters."""
-  from alignax.checkpoint import export_path
-  root = os.path.join(export_path(workdir), LORA_DIR)
+  root = os.path.join(export_dir, LORA_DIR)
   weights, meta = os.path.join(root, "adapters.safetensors"), os.path.join(root, "lora.json")
   if not os.path.isfile(weights) or not os.path.isfile(meta):
-    raise HFError(f"{workdir}: its export has no LoRA adapters ({root}/adapters.safetensors and "
+    raise HFError(f"{export_dir}: the export has no LoRA adapters ({root}/adapters.safetensors and "
                   "lora.json): it was not trained with model.lora.rank > 0")
   values = _read_json(meta)
   fields = {f.name for f in dataclasses.fields(LoraConfig)}
