@@ -251,6 +251,7 @@ def cmd_import_hf(prog: str, argv: list[str]) -> None:
   flags.DEFINE_string("dtype", "float32", "Parameter dtype to store (or 'auto': the checkpoint's).")
   flags.DEFINE_integer("max_seq_len", None, "Longest sequence to support (default: the checkpoint's); "
                        "needed for sliding-window models, whose window must cover it.")
+  flags.DEFINE_string("adapter", "", "A PEFT LoRA adapter directory to merge into --src at import.")
 
   def main(_):
     from alignax.commands.import_hf import main as import_hf_main
@@ -268,6 +269,8 @@ def cmd_export_hf(prog: str, argv: list[str]) -> None:
   flags.DEFINE_string("architecture", "", "Hugging Face architecture (default: the one imported "
                       "from, else the one the model's choices imply).")
   flags.DEFINE_string("max_shard_size", "2GB", "Largest safetensors file (e.g. 500MB); 0: one file.")
+  flags.DEFINE_enum("lora", "merge", ["merge", "peft"], "A LoRA run: the merged model, or its "
+                    "adapters alone as a PEFT directory.")
 
   def main(_):
     from alignax.commands.export_hf import main as export_hf_main

@@ -57,7 +57,8 @@ def _randomize_lora_b(peft_model, seed=0):
         p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("name,targets", [("llama", "all-linear"), ("qwen2", "wq,wv,wo,w_out")])
+@pytest.mark.parametrize("name,targets", [("llama", "all-linear"), ("qwen2", "wq,wv,wo,w_out"),
+                                          ("gemma2", "all-linear")])
 def test_alignax_adapters_load_in_peft(transformers, peft, name, targets, tmp_path):
   """write_peft_adapter -> PeftModel.from_pretrained gives alignax's LoRA logits; the merged
   params give them too, and read_peft_adapter reads back exactly what was written."""
@@ -95,7 +96,8 @@ def test_alignax_adapters_load_in_peft(transformers, peft, name, targets, tmp_pa
         np.testing.assert_array_equal(back["blocks"][group][n][k], ab[k])
 
 
-@pytest.mark.parametrize("name,targets", [("llama", ALL_LINEAR), ("qwen2", "all-linear")])
+@pytest.mark.parametrize("name,targets", [("llama", ALL_LINEAR), ("qwen2", "all-linear"),
+                                          ("gemma3", ALL_LINEAR)])
 def test_peft_adapters_read_and_import(transformers, peft, name, targets, tmp_path, capsys):
   """A PEFT adapter (random lora_B) read by read_peft_adapter, and merged by
   `alignax import-hf --adapter`, gives the PeftModel's logits."""
@@ -309,7 +311,7 @@ def test_read_peft_adapter_refusals(transformers, peft, tmp_path):
   with pytest.raises(HFError, match="not a PEFT adapter directory"):
     read_peft_adapter(str(tmp_path / "hf"), cfg)
   gpt2 = gpt2_style(vocab_size=300, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=64)
-  with pytest.raises(HFError, match="Llama-family models only"):
+  with pytest.raises(HFError, match="Llama-family and Gemma models only"):
     read_peft_adapter(good, gpt2)
 
   # import-hf refuses a bad adapter before writing anything.

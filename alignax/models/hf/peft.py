@@ -1,7 +1,7 @@
 """PEFT LoRA adapters <-> alignax's adapter layout (`alignax.models.lora`).
 
 A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors`, whose
-tensors for layer i of a Llama-family model are
+tensors for layer i of a Llama-family (or Gemma 2/3) model are
 
   base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight
   base_model.model.model.layers.{i}.mlp.{gate,up,down}_proj.lora_{A,B}.weight
@@ -56,11 +56,13 @@ _MUST_BE_UNSET = ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to
 
 
 def _check_family(cfg: ModelConfig, what: str) -> None:
-  """HFError unless `cfg` exports as a Llama-family architecture (separate q/k/v projections)."""
+  """HFError unless `cfg` exports as an architecture with separate q/k/v projections named as
+  Llama's (Llama, Mistral, Qwen2/3, Gemma 2/3: the same `_linear` rules in `tensors`)."""
   family, _ = ARCHITECTURES[config_to_hf(cfg)["architectures"][0]]
-  if family != "llama":
-    raise HFError(f"{what}: PEFT adapters map to Llama-family models only (Llama, Mistral, Qwen2, "
-                  "Qwen3); GPT-2's fused c_attn has no per-projection adapter in alignax")
+  if family not in ("llama", "gemma"):
+    raise HFError(f"{what}: PEFT adapters map to Llama-family and Gemma models only (Llama, "
+                  "Mistral, Qwen2, Qwen3, Gemma 2/3); GPT-2's fused c_attn has no per-projection "
+                  "adapter in alignax")
 
 
 def _weight_widths(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -203,7 +205,7 @@ def read_peft_adapter(src_dir: str, model_cfg: ModelConfig) -> tuple[dict, LoraC
 
   Args:
     src_dir: directory with adapter_config.json and adapter_model.safetensors.
-    model_cfg: the base model's ModelConfig (a Llama-family import).
+    model_cfg: the base model's ModelConfig (a Llama-family or Gemma import).
 
   Returns:
     (adapters, lora_cfg): {"blocks": {group: {name: {"a": float32 [L, n_in, r], "b": float32
