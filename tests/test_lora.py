@@ -188,26 +188,19 @@ def test_lora_sft_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, ba
 
 
 @pytest.mark.slow
-def test_lora_sft_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path, base_run):
+def test_lora_sft_on_a_mesh_and_under_pmap_matches_one_device(tmp_path, base_run):
   args = SFT + [f"--config.init.workdir={base_run}", "--config.train.steps=3",
                 "--config.model.lora.dropout=0.0"]
-  one, mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
+  one = str(tmp_path / "one")
   run_cli(*args, f"--config.workdir={one}")
-  run_cli(*args, f"--config.workdir={mesh}", "--config.parallel.mesh.data=2",
-          "--config.parallel.mesh.fsdp=2", "--config.parallel.mesh.tensor=2", devices=8)
-  for a, b in zip(jax.tree.leaves(_export(one)), jax.tree.leaves(_export(mesh))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_lora_sft_under_pmap_matches_one_device(tmp_path, base_run):
-  args = SFT + [f"--config.init.workdir={base_run}", "--config.train.steps=3",
-                "--config.model.lora.dropout=0.0"]
-  one, pmap = str(tmp_path / "one"), str(tmp_path / "pmap")
-  run_cli(*args, f"--config.workdir={one}")
-  run_cli(*args, f"--config.workdir={pmap}", "--config.parallel.mode=pmap", devices=4)
-  for a, b in zip(jax.tree.leaves(_export(one)), jax.tree.leaves(_export(pmap))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  placements = {"mesh": (8, ["--config.parallel.mesh.data=2", "--config.parallel.mesh.fsdp=2",
+                             "--config.parallel.mesh.tensor=2"]),
+                "pmap": (4, ["--config.parallel.mode=pmap"])}
+  for name, (devices, flags) in placements.items():
+    workdir = str(tmp_path / name)
+    run_cli(*args, f"--config.workdir={workdir}", *flags, devices=devices)
+    for a, b in zip(jax.tree.leaves(_export(one)), jax.tree.leaves(_export(workdir))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow
