@@ -21,6 +21,9 @@ def get_config(preset: str | None = None):
       loss_type="sigmoid",
       beta=0.1,  # inverse temperature (ORPO: weight of the odds-ratio term)
       label_smoothing=0.0,  # eps of conservative / robust DPO
+      # sigmoid: fit each record's "chosen_prob" (P(chosen better), default 1) as a soft label;
+      # with label_smoothing eps the per-pair eps is eps + (1 - 2 eps)(1 - chosen_prob)
+      soft_labels=False,
       gamma=0.5,  # SimPO target margin
       precompute_ref=False,  # reference logprobs once over the dataset instead of every step
       kto_desirable_weight=1.0,

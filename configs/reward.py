@@ -5,7 +5,8 @@
       --config.data.train_files=prefs.jsonl --config.init.workdir=runs/my_sft
 
 `init.workdir` names the SFT run (run first from `init.config` when missing). Preference records
-are {"prompt", "chosen", "rejected"} (or the conversational form), optionally with "margin".
+are {"prompt", "chosen", "rejected"} (or the conversational form), optionally with "margin"
+and, for `reward.soft_labels`, "chosen_prob" (a soft label: P(chosen is better), default 1).
 """
 
 from alignax.algorithms.common import init_section
@@ -20,6 +21,8 @@ def get_config(preset: str | None = None):
   c.reward = ConfigDict(dict(
       center_coef=0.0,  # coefficient of mean((r_chosen + r_rejected)^2); 0 = off
       use_margin=False,  # subtract each record's "margin" inside the sigmoid
+      # fit each record's "chosen_prob" (P(chosen better), default 1) instead of the hard label
+      soft_labels=False,
       normalize=True,  # after training: rewards of SFT samples on train prompts -> mean 0, std 1
       normalize_prompts=256,  # train prompts sampled for the normalization
       ensemble=1,  # K > 1: K reward models (seeds seed..seed+K-1) trained as one vmapped program

@@ -218,7 +218,7 @@ def test_preference_shares_prompt_and_masks_response_only():
   rec = {"prompt": "hi", "chosen": "good!", "rejected": "no"}
   it = pipeline.preference_pipeline([rec], TOK, batch_size=1, seq_len=16)
   (b,) = list(it)
-  assert set(b) == {"chosen", "rejected", "valid", "margin", "gold_label", "index"}
+  assert set(b) == {"chosen", "rejected", "valid", "margin", "chosen_prob", "gold_label", "index"}
   prompt = [BOS, USER, *_b("hi"), ASSISTANT]
   for side, text in (("chosen", "good!"), ("rejected", "no")):
     x = b[side]
@@ -449,6 +449,7 @@ def test_preference_cut_off_responses_margins_and_gold_labels():
   assert response("rejected", 0) == tok.encode("no no")  # cut off: no <eos>, not a target
   assert b["rejected"]["response_len"][0] == 5
   np.testing.assert_array_equal(b["margin"], [0.5, 0.0, 0.0, 0.0])
+  np.testing.assert_array_equal(b["chosen_prob"], [1.0, 1.0, 1.0, 0.0])  # absent: hard label
   np.testing.assert_array_equal(b["gold_label"], [1.0, 0.0, -1.0, -1.0])  # last row is filler
   np.testing.assert_array_equal(b["valid"], [1, 1, 1, 0])
 

@@ -3,7 +3,8 @@
 Policy and frozen reference start from the SFT export (`init.workdir`). Chosen and rejected go
 through the policy in one concatenated [2B, T] forward; per-sequence logprob sums over the
 response tokens feed `alignax.losses.preference.dpo_loss` (`dpo.loss_type`: sigmoid, robust, ipo,
-hinge, simpo, orpo) or, for unpaired data, `kto_loss` (`dpo.loss_type = "kto"`).
+hinge, simpo, orpo) or, for unpaired data, `kto_loss` (`dpo.loss_type = "kto"`). With
+`dpo.soft_labels` (sigmoid) the records' "chosen_prob" soft labels are the target.
 
 Reference logprobs are computed on the fly (one reference forward per step) or, with
 `dpo.precompute_ref`, once over the training set before training (cached in
@@ -38,7 +39,7 @@ from alignax.algorithms.world_eval import WorldEvaluator
 from alignax.config import ConfigDict, ConfigError
 from alignax.data import pipeline, sources
 from alignax.losses.lm import next_token_logprobs, sequence_logprobs
-from alignax.losses.preference import LOSS_TYPES, dpo_loss, kto_loss
+from alignax.losses.preference import LOSS_TYPES, SOFT_LABEL_LOSS_TYPES, dpo_loss, kto_loss
 from alignax.models import lora
 from alignax.train.loop import Run
 from alignax.train.optimizer import make_optimizer
@@ -77,14 +78,16 @@ def reference_pair_logps(lm, batch, extra, params):
   return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
 
 
-def make_dpo_loss(lm, loss_type: str):
+def make_dpo_loss(lm, loss_type: str, soft_labels: bool = False):
   """The preference loss `loss_type` of a pair batch; beta, label_smoothing and gamma come from
-  `hparams` (arrays, so one compiled step serves every value)."""
+  `hparams` (arrays, so one compiled step serves every value). `soft_labels` (sigmoid only)
+  fits the batch's "chosen_prob" soft labels, combined with label_smoothing as in
+  `soft_label_eps`."""
 
   def loss_fn(params, batch, rng, extra, hparams):
     """The `loss_type` loss of a pair batch {"chosen", "rejected": LM rows [B, T] with
-    "response_len" [B], "valid" [B]; "ref_chosen"/"ref_rejected" [B] nats when the reference is
-    precomputed, else the reference params in `extra["ref"]`}: (sum, count, metrics) of the batch: `sum` of the per-pair loss in nats, `count` of pairs
+    "response_len" [B], "valid" [B], "chosen_prob" [B] (read with soft_labels);
+    "ref_chosen"/"ref_rejected" [B] nats when the reference is precomputed, else the reference params in `extra["ref"]`}: (sum, count, metrics) of the batch: `sum` of the per-pair loss in nats, `count` of pairs
     (the step divides the summed sums by the summed counts, so micro-batches and devices weigh
     every pair alike), `metrics` {name: scalar}."""
     pc, pr = pair_logps(lm, params, batch)
@@ -95,6 +98,7 @@ def make_dpo_loss(lm, loss_type: str):
                     label_smoothing=hparams["label_smoothing"], gamma=hparams["gamma"],
                     len_chosen=batch["chosen"]["response_len"].astype(jnp.float32),
                     len_rejected=batch["rejected"]["response_len"].astype(jnp.float32),
+                    target_prob=batch["chosen_prob"] if soft_labels else None,
                     weights=batch["valid"])
   return loss_fn
 
@@ -219,7 +223,7 @@ def precompute_reference(ctx: StageContext, lm, ref_params, source, batching, se
 
 def validate(cfg: ConfigDict) -> None:
   """`dpo.*`: a known loss_type, beta > 0, label_smoothing in [0, 0.5), precompute_ref only for
-  losses that use a reference."""
+  losses that use a reference, soft_labels only for the loss types that define them."""
   d = cfg.dpo
   if d.loss_type not in LOSS_TYPES + ("kto",):
     raise ConfigError(f"config.dpo.loss_type: must be one of {LOSS_TYPES + ('kto',)}, got {d.loss_type!r}")
@@ -229,6 +233,9 @@ def validate(cfg: ConfigDict) -> None:
     raise ConfigError(f"config.dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
   if d.precompute_ref and d.loss_type in REFERENCE_FREE + ("kto",):
     raise ConfigError(f"config.dpo.precompute_ref: not used by loss_type={d.loss_type!r}; set it False")
+  if d.get("soft_labels", False) and d.loss_type not in SOFT_LABEL_LOSS_TYPES:
+    raise ConfigError(f"config.dpo.soft_labels: defined for loss_type in {SOFT_LABEL_LOSS_TYPES}, "
+                      f"not {d.loss_type!r}; set it False")
 
 
 class PreferenceEval:
@@ -288,7 +295,8 @@ def build_run(ctx: StageContext) -> Run:
   state = TrainState.create(params, optimizer, jax.random.key(config.seed),
                             extra={"ref": ref}, hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)
-  loss_fn = make_kto_loss(lm) if kto else make_dpo_loss(lm, dcfg.loss_type)
+  loss_fn = (make_kto_loss(lm) if kto else
+             make_dpo_loss(lm, dcfg.loss_type, bool(dcfg.get("soft_labels", False))))
   step = make_train_step(loss_fn, optimizer, accum_steps=config.train.accum_steps,
                          nonfinite_policy=config.train.nonfinite)
   world_eval = (WorldEvaluator(config, lm, ctx.tokenizer, ctx.writer)

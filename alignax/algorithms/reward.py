@@ -2,7 +2,8 @@
 
 The model is the SFT backbone plus a scalar head (`alignax.models.heads`) read at the last real
 token of prompt + response. Chosen and rejected go through the model in one [2B, T] pass; the
-loss is `bradley_terry_loss` (optional per-pair margin, optional centering term).
+loss is `bradley_terry_loss` (optional per-pair margin, optional centering term; with
+`reward.soft_labels` the records' "chosen_prob" soft labels as the target instead of 1).
 
 After training (`reward.normalize`, on by default) the head is rescaled so that the rewards of
 SFT samples on the train prompts have mean 0 and std 1; gain and bias are folded into the head
@@ -60,15 +61,18 @@ def pair_rewards(model, params, batch):
   return rewards[:b], rewards[b:]
 
 
-def reward_loss(model, use_margin: bool):
-  """Bradley-Terry loss of a preference batch; `hparams["center_coef"]` weighs the centering term."""
+def reward_loss(model, use_margin: bool, soft_labels: bool = False):
+  """Bradley-Terry loss of a preference batch; `hparams["center_coef"]` weighs the centering term.
+  `use_margin` subtracts the batch's "margin"; `soft_labels` fits the batch's "chosen_prob" (the
+  cross-entropy against P(chosen better)) instead of the hard label."""
   def loss_fn(params, batch, rng, extra, hparams):
     """Bradley-Terry loss of a pair batch {"chosen", "rejected": LM rows [B, T], "valid",
-    "margin": [B]}: (sum, count, metrics) of the batch: `sum` of the per-pair loss in nats, `count` of pairs
+    "margin", "chosen_prob": [B]}: (sum, count, metrics) of the batch: `sum` of the per-pair loss in nats, `count` of pairs
     (the step divides the summed sums by the summed counts, so micro-batches and devices weigh
     every pair alike), `metrics` {name: scalar}. Padding pairs (valid 0) weigh nothing."""
     rc, rr = pair_rewards(model, params, batch)
     return bradley_terry_loss(rc, rr, margin=batch["margin"] if use_margin else None,
+                              target_prob=batch["chosen_prob"] if soft_labels else None,
                               center_coef=hparams["center_coef"], weights=batch["valid"])
   return loss_fn
 
@@ -181,7 +185,8 @@ def build_run(ctx: StageContext) -> Run:
                              hparams=ALGORITHM.hparams_of(cfg))
 
   state = parallel.init_sharded(ctx.placement, init)
-  step = make_train_step(reward_loss(model, bool(cfg.reward.use_margin)),
+  step = make_train_step(reward_loss(model, bool(cfg.reward.use_margin),
+                                     bool(cfg.reward.get("soft_labels", False))),
                          optimizer, accum_steps=config.train.accum_steps,
                          nonfinite_policy=config.train.nonfinite)
   sft = None

@@ -38,6 +38,12 @@ _ABSENT = object()
 # What an alignax older than a model field built: the field's default ("model.<field>": value).
 MODEL_DEFAULTS = {f"model.{f.name}": json_value(f.default) for f in dataclasses.fields(ModelConfig)}
 MODEL_DEFAULTS.update({f"model.lora.{f.name}": json_value(f.default) for f in dataclasses.fields(LoraConfig)})
+# Stage-section keys added after runs were checkpointed, with the value an older run trained
+# with (what its code did before the key existed), so such a run resumes.
+SECTION_DEFAULTS = {
+    "reward.soft_labels": False,
+    "dpo.soft_labels": False,
+}
 
 
 def resume_free(key: str) -> bool:
@@ -69,6 +75,10 @@ def _same(a, b) -> bool:
   return a == b
 
 
+def _section(key: str) -> str:
+  return key.split(".", 1)[0]
+
+
 def _show(value) -> str:
   return "<absent>" if value is _ABSENT else repr(value)
 
@@ -78,7 +88,7 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
 
   Both configs are compared as they read back from JSON (tuples as lists); keys in
   RESUME_FREE_KEYS are ignored, a key only one side has counts as a difference (except a model
-  field the checkpoint predates, which is compared with its default).
+  field or a SECTION_DEFAULTS key the checkpoint predates, which is compared with its default).
   """
   old, new = _flatten(json_value(saved)), _flatten(json_value(current))
   out = []
@@ -86,6 +96,8 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
     a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
     if a is _ABSENT and key in MODEL_DEFAULTS:  # a model field newer than the checkpoint
       a = MODEL_DEFAULTS[key]
+    elif a is _ABSENT and key in SECTION_DEFAULTS and _section(key) in saved:
+      a = SECTION_DEFAULTS[key]  # a section key newer than the checkpoint
     if resume_free(key) or (a is not _ABSENT and b is not _ABSENT and _same(a, b)):
       continue
     out.append(f"{key}: checkpoint has {_show(a)}, config has {_show(b)}")

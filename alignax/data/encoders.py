@@ -175,7 +175,7 @@ def sft_encoder(tok: Tokenizer, seq_len: int, too_long: str, template: str) -> E
 def preference_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
                        template: str) -> Encoder:
   """{"prompt", "chosen", "rejected", ...} -> {"chosen": row, "rejected": row, "valid",
-  "margin", "gold_label"}; each row is `lm_row` [seq_len] plus "response_len" (its loss
+  "margin", "chosen_prob", "gold_label"}; each row is `lm_row` [seq_len] plus "response_len" (its loss
   tokens). The prompt is encoded once for both sides."""
 
   def side(prompt, response, ended, p_ids):
@@ -200,7 +200,8 @@ def preference_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
     if "_skip" in rejected:
       return rejected
     ex = {"chosen": chosen, "rejected": rejected, "valid": np.float32(1.0),
-          "margin": np.float32(rec.get("margin", 0.0)), "gold_label": gold_label(rec)}
+          "margin": np.float32(rec.get("margin", 0.0)),
+          "chosen_prob": np.float32(rec.get("chosen_prob", 1.0)), "gold_label": gold_label(rec)}
     if t1 or t2:
       ex["_counts"] = {"truncated": 1, "truncated_tokens": lost1 + lost2}
     return ex

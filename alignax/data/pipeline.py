@@ -139,15 +139,17 @@ def preference_pipeline(source, tok: Tokenizer, batching: BatchOptions | None = 
   fit is cut at T (counted once per pair in truncated/truncated_tokens).
 
   Optional record fields (see schemas.PREFERENCE_FLAGS / PREFERENCE_NUMBERS):
-  chosen_ended / rejected_ended = false leave that response without its `<eos>`; margin is
-  passed through; chosen_gold / rejected_gold become `gold_label`.
+  chosen_ended / rejected_ended = false leave that response without its `<eos>`; margin and
+  chosen_prob are passed through; chosen_gold / rejected_gold become `gold_label`.
 
   Returns:
-    DataIterator of {"chosen": {...}, "rejected": {...}, "valid", "margin", "gold_label":
-    [B] float32, "index" [B] int32 (record index in `source`, -1 on filler rows)}, each side
-    {"tokens", "positions", "segment_ids" [B, T] int32, "loss_mask" [B, T] float32,
-    "response_len" [B] int32 (loss tokens in the row)}. valid is 0 on filler rows; gold_label
-    is 1 (gold prefers chosen), 0 (gold prefers rejected) or -1 (unknown).
+    DataIterator of {"chosen": {...}, "rejected": {...}, "valid", "margin", "chosen_prob",
+    "gold_label": [B] float32, "index" [B] int32 (record index in `source`, -1 on filler
+    rows)}, each side {"tokens", "positions", "segment_ids" [B, T] int32, "loss_mask" [B, T]
+    float32, "response_len" [B] int32 (loss tokens in the row)}. valid is 0 on filler rows
+    (margin and chosen_prob are 0 there); chosen_prob is P(chosen is better), 1.0 for a record
+    without it; gold_label is 1 (gold prefers chosen), 0 (gold prefers rejected) or -1
+    (unknown).
   """
   opts = BatchOptions.of(batching, **options)
   spine.check_len("seq_len", seq_len)

@@ -206,9 +206,14 @@ def validate_preference(record: Any) -> dict[str, Any]:
 #   chosen_ended / rejected_ended (bool, default true): false when that response was cut off
 #     before <eos> (a sampler hit its length limit), so no <eos> is appended to it;
 #   margin (number, default 0): the Bradley-Terry margin of this pair;
-#   chosen_gold / rejected_gold (number): gold scores, when known, to measure accuracy.
+#   chosen_gold / rejected_gold (number): gold scores, when known, to measure accuracy;
+#   chosen_prob (number in [0, 1], default 1): a soft label, the probability that `chosen` is
+#     the better response (an AI judge's P(chosen better), as in RLAIF); 1 is the hard label,
+#     0.5 says the pair carries no preference. Used by reward.soft_labels / dpo.soft_labels.
 PREFERENCE_FLAGS = ("chosen_ended", "rejected_ended")
-PREFERENCE_NUMBERS = ("margin", "chosen_gold", "rejected_gold")
+PREFERENCE_NUMBERS = ("margin", "chosen_gold", "rejected_gold", "chosen_prob")
+# Numbers with a bounded range: (low, high), both included.
+PREFERENCE_RANGES = {"chosen_prob": (0.0, 1.0)}
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -230,6 +235,11 @@ def _preference_extras(record: Mapping[str, Any]) -> dict[str, Any]:
         raise DataError(f"field {key!r} must be finite, got {value!r}")
       if abs(float(value)) > _FLOAT32_MAX:  # it would train as inf
         raise DataError(f"field {key!r} is {value!r}, beyond float32's range (about 3.4e38)")
+      if key in PREFERENCE_RANGES:
+        low, high = PREFERENCE_RANGES[key]
+        if not low <= float(value) <= high:
+          raise DataError(f"field {key!r} must be in [{low:g}, {high:g}] (a probability), "
+                          f"got {value!r}")
       out[key] = float(value)
   return out
 

@@ -25,7 +25,8 @@ def weighted_std(x: Array, w: Array) -> Array:
 
 
 def bradley_terry_loss(r_chosen: Array, r_rejected: Array, *, margin: Array | None = None,
-                       center_coef: float = 0.0, weights: Array | None = None):
+                       target_prob: Array | None = None, center_coef: float = 0.0,
+                       weights: Array | None = None):
   """Reward-model loss: -log sigmoid(r_c - r_r - m) + coef * (r_c + r_r)^2, per pair.
 
   The Bradley-Terry model says P(chosen > rejected) = sigmoid(r_c - r_r). The optional margin m
@@ -33,20 +34,33 @@ def bradley_terry_loss(r_chosen: Array, r_rejected: Array, *, margin: Array | No
   the centering term (coef * mean((r_c + r_r)^2), Eisenstein et al. 2023) pins the reward scale,
   which the pairwise loss leaves free.
 
+  With a soft label p = `target_prob` (P(chosen is better), e.g. an AI judge's, as in RLAIF /
+  Constitutional AI, Bai et al. 2022) the pairwise term is the cross-entropy against p,
+  -(p log sigmoid(d) + (1 - p) log sigmoid(-d)) with d = r_c - r_r - m: minimized at
+  sigmoid(d) = p, so p = 0.5 pulls the gap to 0 and p = 0 is the swapped pair. p = 1 is the hard
+  label's loss; None computes exactly today's hard-label loss.
+
   Args:
     r_chosen, r_rejected: [B] rewards (float32).
     margin: [B] or None.
+    target_prob: [B] P(chosen is better) in [0, 1], or None (hard labels, p = 1).
     center_coef: coefficient of the centering term.
     weights: [B] 1 for real pairs, 0 for filler.
 
   Returns:
-    (sum of losses, number of pairs, metrics: accuracy, margin (mean r_c - r_r), reward_mean,
-    reward_std).
+    (sum of per-pair losses in nats, number of pairs, metrics: accuracy, margin (mean r_c -
+    r_r), reward_mean, reward_std).
   """
   w = _weights(r_chosen, weights)
   diff = r_chosen - r_rejected
   target = diff - (0.0 if margin is None else margin)
-  per_pair = -jax.nn.log_sigmoid(target) + center_coef * (r_chosen + r_rejected) ** 2
+  if target_prob is None:
+    pairwise = -jax.nn.log_sigmoid(target)
+  else:
+    p = target_prob.astype(jnp.float32)
+    # log_sigmoid on both sides: finite for any gap (log(1 - sigmoid(d)) would be log 0).
+    pairwise = -(p * jax.nn.log_sigmoid(target) + (1 - p) * jax.nn.log_sigmoid(-target))
+  per_pair = pairwise + center_coef * (r_chosen + r_rejected) ** 2
   both = jnp.concatenate([r_chosen, r_rejected])
   both_w = jnp.concatenate([w, w])
   metrics = {
@@ -78,14 +92,29 @@ def _implicit_metrics(pc, pr, rc, rr, beta, w):
   }
 
 
+SOFT_LABEL_LOSS_TYPES = ("sigmoid",)  # the loss types that take per-pair soft labels
+
+
+def soft_label_eps(target_prob: Array, label_smoothing) -> Array:
+  """[B] per-pair cDPO eps of soft labels p = `target_prob` [B] under label smoothing eps0:
+  eps_eff = eps0 + (1 - 2 eps0) (1 - p), i.e. P(chosen better) = (1 - eps0) p + eps0 (1 - p),
+  the judge's p with the label then flipped at rate eps0. p = 1 gives eps0 exactly, eps0 = 0
+  gives 1 - p."""
+  q = 1 - target_prob.astype(jnp.float32)
+  return label_smoothing + (1 - 2 * label_smoothing) * q
+
+
 def dpo_loss(loss_type: str, pc: Array, pr: Array, rc: Array | None, rr: Array | None, *,
              beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
              len_chosen: Array | None = None, len_rejected: Array | None = None,
-             weights: Array | None = None):
+             target_prob: Array | None = None, weights: Array | None = None):
   """The preference loss `loss_type`, per pair, with h = (pc - rc) - (pr - rr):
 
     sigmoid  DPO (Rafailov et al. 2023), with label smoothing eps = conservative DPO (cDPO):
-             -(1 - eps) log s(beta h) - eps log s(-beta h)
+             -(1 - eps) log s(beta h) - eps log s(-beta h); with soft labels p =
+             `target_prob`, the same with a per-pair eps = `soft_label_eps(p, eps)` (eps + (1 -
+             2 eps)(1 - p); 1 - p without label smoothing): the cross-entropy of s(beta h)
+             against P(chosen better)
     robust   robust DPO (Chowdhury et al. 2024), unbiased under label-flip rate eps:
              (-(1 - eps) log s(beta h) + eps log s(-beta h)) / (1 - 2 eps)
     ipo      IPO (Azar et al. 2023): (h - 1 / (2 beta))^2
@@ -103,14 +132,19 @@ def dpo_loss(loss_type: str, pc: Array, pr: Array, rc: Array | None, rr: Array |
     label_smoothing: eps for sigmoid / robust.
     gamma: SimPO's target margin.
     len_chosen, len_rejected: [B] response lengths in tokens (simpo, orpo).
+    target_prob: [B] soft labels P(chosen is better) in [0, 1] (sigmoid only; the other losses
+      raise ValueError), or None: hard labels, exactly the loss without the argument.
     weights: [B] 1 for real pairs, 0 for filler.
 
   Returns:
-    (sum of per-pair losses, number of pairs, metrics): implicit rewards beta * (log pi - log ref)
+    (sum of per-pair losses in nats, number of pairs, metrics): implicit rewards beta * (log pi - log ref)
     of chosen and rejected (for the reference-free losses, beta * mean token logprob), their
     accuracy and margin, and the logprobs.
   """
   w = _weights(pc, weights)
+  if target_prob is not None and loss_type not in SOFT_LABEL_LOSS_TYPES:
+    raise ValueError(f"soft labels (target_prob) are defined for loss types "
+                     f"{SOFT_LABEL_LOSS_TYPES}, not {loss_type!r}")
   if loss_type in ("simpo", "orpo"):
     if len_chosen is None or len_rejected is None:
       raise ValueError(f"{loss_type} needs response lengths")
@@ -130,7 +164,7 @@ def dpo_loss(loss_type: str, pc: Array, pr: Array, rc: Array | None, rr: Array |
   if rc is None or rr is None:
     raise ValueError(f"{loss_type} needs reference logprobs")
   h = (pc - rc) - (pr - rr)
-  eps = label_smoothing
+  eps = label_smoothing if target_prob is None else soft_label_eps(target_prob, label_smoothing)
   if loss_type == "sigmoid":
     per_pair = -(1 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
   elif loss_type == "robust":
