@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     # A checkpoint's own Jinja chat template (data.chat_template="model"), rendered in jinja's
     # sandbox; 3.1.6 closes its known sandbox escapes.
     "jinja2>=3.1.6",
+    "PyYAML>=6.0",  # constitution files (alignax/cai/constitution.py)
 ]
 
 # Hugging Face checkpoint import/export and tokenizer.json (install torch's CPU build for the tests).
@@ -53,7 +54,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["alignax", "alignax.*"]),
-    package_data={"alignax": ["py.typed", "studio/templates/*.html", "studio/static/*"]},
+    package_data={"alignax": ["py.typed", "studio/templates/*.html", "studio/static/*",
+                              "cai/constitutions/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"hf": HF_REQUIRES, "test": TEST_REQUIRES},
     entry_points={"console_scripts": ["alignax=alignax.cli:main"]},

@@ -9,6 +9,8 @@
   alignax import-hf --src=HF_DIR --dst=WORKDIR
   alignax export-hf --workdir=WORKDIR --out=HF_DIR [--dtype=bfloat16]
   alignax studio    --workdir=runs/pipeline_tiny [--port=8765]
+  alignax label     --judge=WORKDIR --constitution=world --pairs=FILE --out=FILE
+  alignax revise    --policy=WORKDIR --constitution=world --prompts=FILE --out=FILE
 
 Flags follow absl / ml-collections conventions. Config overrides are checked against the config
 before absl parses them, so a mistyped key fails with one line naming it (and close matches).
@@ -294,6 +296,49 @@ def cmd_studio(prog: str, argv: list[str]) -> None:
   app.run(_guarded(main), argv=[prog] + argv)
 
 
+def cmd_label(prog: str, argv: list[str]) -> None:
+  """AI preference labels: a judge model says which response better follows the constitution."""
+  flags.DEFINE_string("judge", None, "Run directory of the judge (any chat model: an SFT run, an "
+                      "imported instruct model).", required=True)
+  flags.DEFINE_string("constitution", "world", "A constitution file (JSON or YAML) or a built-in name.")
+  flags.DEFINE_string("pairs", None, "Preference pairs to label (JSONL, Parquet, a dataset folder).",
+                      required=True)
+  flags.DEFINE_string("out", None, "Preference JSONL to write (resumed if it exists).", required=True)
+  flags.DEFINE_integer("principles_per_pair", 2, "Principles sampled per pair (0: all of them).")
+  flags.DEFINE_bool("both_orders", True, "Ask with the responses in both orders and average (cancels "
+                    "a position bias).")
+  flags.DEFINE_integer("seed", 0, "Seed of the principle draws.")
+  flags.DEFINE_integer("batch_size", 64, "Comparisons per compiled forward.")
+  flags.DEFINE_integer("limit", 0, "Label only the first N pairs (0: all).")
+
+  def main(_):
+    from alignax.commands.feedback import label_main
+    label_main(flags.FLAGS)
+  app.run(_guarded(main), argv=[prog] + argv)
+
+
+def cmd_revise(prog: str, argv: list[str]) -> None:
+  """Critique and revise: a policy's responses rewritten against the constitution, as SFT records."""
+  flags.DEFINE_string("policy", None, "Run directory of the model that answers, critiques and revises.",
+                      required=True)
+  flags.DEFINE_string("constitution", "world", "A constitution file (JSON or YAML) or a built-in name.")
+  flags.DEFINE_string("prompts", None, "Prompts file ({\"prompt\": ...} records).", required=True)
+  flags.DEFINE_string("out", None, "SFT JSONL to write (resumed if it exists).", required=True)
+  flags.DEFINE_integer("rounds", 1, "Critique-revision rounds per prompt.")
+  flags.DEFINE_float("temperature", 0.7, "Sampling temperature of every step.")
+  flags.DEFINE_integer("max_new_tokens", 48, "Longest response, critique or revision.")
+  flags.DEFINE_integer("seed", 0, "Seed of the principle draws and sampling.")
+  flags.DEFINE_integer("batch_size", 64, "Prompts per sampler call.")
+  flags.DEFINE_integer("limit", 0, "Revise only the first N prompts (0: all).")
+  flags.DEFINE_string("keep_if_critique_starts", "", "Take a revision only when the critique does not "
+                      "start with this text (the world's critiques: 'No problem'); empty: always.")
+
+  def main(_):
+    from alignax.commands.feedback import revise_main
+    revise_main(flags.FLAGS)
+  app.run(_guarded(main), argv=[prog] + argv)
+
+
 COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
     "train": cmd_train,
     "pipeline": cmd_pipeline,
@@ -304,6 +349,8 @@ COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
     "import-hf": cmd_import_hf,
     "export-hf": cmd_export_hf,
     "studio": cmd_studio,
+    "label": cmd_label,
+    "revise": cmd_revise,
 }
 
 

@@ -19,7 +19,8 @@ LAYERS = [
      "alignax.sharding"),
     # pure pieces: the model, the losses, the world generator, the sections below the runner
     ("alignax.models", "alignax.losses", "alignax.flops", "alignax.tasks", "alignax.data.config",
-     "alignax.train.config"),
+     "alignax.train.config", "alignax.cai.constitution", "alignax.cai.prompts",
+     "alignax.cai.resumable"),
     # records to batches; sampling
     ("alignax.data", "alignax.generation"),
     # placement, checkpoints, the pure train step and the loop around it
@@ -28,11 +29,11 @@ LAYERS = [
     ("alignax.config",),
     # running a stage; evaluating and loading a run's model
     ("alignax.train.runner", "alignax.train.members", "alignax.tasks.evaluation",
-     "alignax.run_models"),
+     "alignax.run_models", "alignax.cai"),
     # the stages
     ("alignax.algorithms",),
     # the commands and the studio
-    ("alignax.commands", "alignax.studio"),
+    ("alignax.commands", "alignax.studio", "alignax.cai.pipeline"),
     # the command line
     ("alignax.cli",),
 ]

@@ -44,4 +44,7 @@ def stage_config(cfg, name: str) -> ConfigDict:
     for field, upstream in registry.get(name).upstream.items():
       scfg[field].workdir = os.path.join(cfg.workdir, upstream)
       scfg[field].run_if_missing = False  # the pipeline runs stages in order itself
+  if "rlaif" in cfg:  # the RLAIF pipeline trains SFT on revisions, reward and DPO on AI labels
+    from alignax.cai.wiring import stage_overrides
+    stage_overrides(cfg, name, scfg)
   return scfg

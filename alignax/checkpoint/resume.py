@@ -43,6 +43,8 @@ MODEL_DEFAULTS.update({f"model.lora.{f.name}": json_value(f.default) for f in da
 SECTION_DEFAULTS = {
     "reward.soft_labels": False,
     "dpo.soft_labels": False,
+    "world.feedback_demos": 0,
+    "world.constitution": "world",
 }
 
 

@@ -45,6 +45,10 @@ def run_pipeline(cfg) -> dict | None:
   from alignax.algorithms import run_stage
   from alignax.commands.report import write_report
   names = stage_names(cfg)
+  rlaif = None
+  if "rlaif" in cfg:  # Constitutional AI: feedback model, revisions and AI labels (alignax.cai.pipeline)
+    from alignax.cai import pipeline as rlaif
+    rlaif.validate(cfg)
   for name in names:  # every stage's config is checked before the first one runs
     record = registry.get(name)
     scfg = stage_config(cfg, name)
@@ -56,8 +60,12 @@ def run_pipeline(cfg) -> dict | None:
       raise ConfigError(f"stage {name}: {e}") from None
   save_config(cfg, cfg.workdir)
   clock = StageClock(cfg.workdir)
+  steps = rlaif.Steps(cfg, clock) if rlaif is not None else None
   ran = False
   for i, name in enumerate(names, 1):
+    if steps is not None and not steps.before(name):
+      print(f"alignax: the pipeline stopped before {name}; run the same command to resume.", flush=True)
+      return None
     scfg = stage_config(cfg, name)
     if ckpt_lib.has_export(scfg.workdir):
       print(f"[{i}/{len(names)}] {name}: finished earlier ({scfg.workdir}), skipping", flush=True)
@@ -79,6 +87,8 @@ def run_pipeline(cfg) -> dict | None:
   t0 = time.time()
   print("report: sampling every model on the eval prompts", flush=True)
   report = write_report(cfg, names, clock.seconds)
+  if rlaif is not None:
+    report = rlaif.add_to_report(cfg, report)
   clock.add("report", time.time() - t0)
   print(f"report: {os.path.join(cfg.workdir, 'report.md')}", flush=True)
   return report

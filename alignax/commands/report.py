@@ -66,6 +66,7 @@ def _eval_records(cfg):
   scfg = stage_config(cfg, "sft")
   with scfg.unlocked():
     scfg.eval.num_prompts = int(cfg.report.num_prompts)
+    scfg.data.source = "world"  # the report is on the world's eval prompts, whatever SFT read
   return eval_prompt_records(resolve(scfg)), scfg
 
 

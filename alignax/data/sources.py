@@ -45,7 +45,22 @@ def world_fingerprint(world_cfg) -> str:
     if name.startswith("world") and name.endswith(".py"):
       with open(os.path.join(folder, name), "rb") as f:
         h.update(f.read())
+  if getattr(world_cfg, "feedback_demos", 0):  # the demonstrations quote the constitution
+    from alignax.cai import constitution, prompts
+    from alignax.tasks import feedback
+    h.update(constitution.load(world_cfg.constitution).fingerprint().encode())
+    for module in (prompts, feedback):
+      with open(module.__file__, "rb") as f:
+        h.update(f.read())
   return h.hexdigest()[:12]
+
+
+def tokenizer_world(world_cfg):
+  """The world a world BPE is trained on: `world_cfg` without its AI-feedback demonstrations,
+  so that adding them (an RLAIF run) keeps the tokenizer, and the pretrained model, of the
+  same world without them."""
+  import dataclasses
+  return dataclasses.replace(world_cfg, feedback_demos=0, constitution="world")
 
 
 def _jsonable(world_cfg) -> Any:
@@ -194,7 +209,7 @@ def world_tokenizer_path(data: DataConfig, world, vocab_size: int) -> str:
   run resolves the same file; the name carries the world fingerprint and the vocabulary size.
   """
   _need_world(world)
-  wcfg = world
+  wcfg = tokenizer_world(world)
   folder = os.path.join(_tfds_dir(data), "tokenizers")
   path = os.path.join(folder, f"world_{world_fingerprint(wcfg)}_bpe{vocab_size}.model")
   if jax.process_index() == 0 and not os.path.exists(path):

@@ -36,7 +36,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from alignax.cai import constitution as cai_constitution
 from alignax.tasks import world_facts as wf
+from alignax.tasks import feedback as world_feedback
 from alignax.tasks import world_gold as wg
 from alignax.tasks import world_text as wt
 from alignax.tasks.world_config import PRETRAIN_DOC_KINDS, WorldConfig  # noqa: F401
@@ -296,7 +298,32 @@ class World:
         style = rng.choice(wt.FACT_STYLES)
         response = wt.fact_response(item, style, rng)
       records.append({"prompt": prompt, "response": response, "style": style})
+    if self.config.feedback_demos:
+      records += self.feedback_records(split)
+      rng.shuffle(records)
     return records
+
+  def feedback_records(self, split: str = "train") -> list[dict[str, str]]:
+    """AI-feedback demonstrations (`alignax.tasks.feedback.feedback_records`) against the world's
+    constitution: `feedback_demos` (train) or a tenth as many (eval), on the demo sampler's
+    responses to train prompts (never a held-out fact)."""
+    sid = _split_id(split)
+    n = self.config.feedback_demos if sid == 0 else max(1, self.config.feedback_demos // 10)
+    if not n or (not self.train_facts and not self.train_topics):
+      return []
+    rng = _rng(self.config.seed, "feedback_prompts", sid)
+    # A third harmful requests (not `harmful_fraction`): harmlessness is one principle of few
+    # that a pair of responses to a harmful request differs on, and the one that matters most.
+    prompts = [(wf.harmful_prompt(rng.choice(self.train_topics),
+                                  rng.choice(wf.HARMFUL_TRAIN_TEMPLATES))
+                if self.train_topics and (not self.train_facts or rng.random() < 1 / 3)
+                else rng.choice(wf.questions(rng.choice(self.train_facts)))) for _ in range(n)]
+    seed_a, seed_b, seed = (int(s) for s in _stream(self.config.seed, "feedback_sampler",
+                                                    sid).generate_state(3))
+    constitution = cai_constitution.load(self.config.constitution)
+    return world_feedback.feedback_records(prompts, self.demo_sampler(prompts, seed_a),
+                                           self.demo_sampler(prompts, seed_b), constitution, n,
+                                           seed)
 
   # --- preferences ------------------------------------------------------------------------------
 

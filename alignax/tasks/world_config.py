@@ -43,6 +43,11 @@ class WorldConfig:
     the strength; 1: a confident wrong answer ties a confident correct one). Labels then
     follow Bradley-Terry noise on the raters' scores; `chosen_gold` / `rejected_gold` and
     every metric stay gold.
+  feedback_demos: AI-feedback demonstrations (comparisons, critiques, revisions against the
+    principles of `constitution`, written from the gold rubric; `alignax.tasks.feedback`) added to the
+    SFT train split, and a tenth as many to its eval split; 0 (the default) adds none.
+  constitution: the constitution those demonstrations follow: "world" (the built-in one) or a
+    path; its principles must name rubric components of the gold labeler.
   num_eval_prompts: size of the eval prompt set (~30% held-out facts, 20% harmful requests in
     held-out phrasings or topics, the rest train facts).
   """
@@ -68,6 +73,8 @@ class WorldConfig:
   num_eval_prompts: int = 200
   rater_bias: str = "none"
   rater_bias_strength: float = 1.0
+  feedback_demos: int = 0
+  constitution: str = "world"
 
   @classmethod
   def from_mapping(cls, section) -> "WorldConfig":
@@ -97,7 +104,7 @@ class WorldConfig:
     for name in ("num_capitals", "num_animal_sounds", "num_arithmetic", "num_opposites",
                  "num_colors", "num_harmful_topics", "pretrain_bytes", "pretrain_eval_bytes",
                  "num_sft", "num_sft_eval", "num_preference_pairs", "num_preference_eval",
-                 "num_eval_prompts"):
+                 "num_eval_prompts", "feedback_demos"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     unknown = {k for k, _ in self.pretrain_mix} - set(PRETRAIN_DOC_KINDS)
