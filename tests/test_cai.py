@@ -326,3 +326,46 @@ def test_label_agreement_counts_against_gold_and_the_input():
   # Against the input: row 2's judge overturned the input's order (input_chosen_prob 0.3).
   assert out["polite"]["input_n"] == 3 and out["polite"]["input"] == pytest.approx(2 / 3)
   assert out["overall"]["gold"] == pytest.approx(2 / 3) and out["overall"]["input"] == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------- a Hugging Face instruct model as the judge
+
+def test_an_imported_instruct_model_judges_through_its_own_template(transformers, tmp_path):
+  """`import-hf` of a random Llama with a Qwen-style chat template: the judge renders the
+  comparison with that template and its soft label equals transformers' float64 probabilities
+  of "(A)" vs "(B)" after `apply_chat_template(..., add_generation_prompt=True)`."""
+  import types
+
+  import torch
+  from hf_helpers import make_hf_model
+  from test_model_chat_template import make_dir
+
+  from alignax.cai.judge import load_chat_model
+  from alignax.commands.import_hf import main as import_hf_main
+  src = tmp_path / "hf"
+  make_dir(src, "qwen")
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(src))
+  model = make_hf_model(transformers, "llama", src, vocab_size=len(hf_tok), max_position_embeddings=512)
+  import_hf_main(types.SimpleNamespace(src=str(src), dst=str(tmp_path / "run"), dtype="float32",
+                                       max_seq_len=None, adapter=""))
+  chat_model = load_chat_model(str(tmp_path / "run"))
+  assert chat_model.template == "model"
+  judge = Judge(chat_model, batch_size=2)
+  comps = _comparisons()[:3]
+  ours = judge.probs(comps, both_orders=False)
+  model = model.double()
+  ref = []
+  for c in comps:
+    messages = [{"role": "user", "content": cp.comparison_prompt(c.principle, c.prompt, c.first, c.second)}]
+    prompt = list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"])
+    assert judge.prompt_ids(c) == prompt
+    lps = []
+    for choice in cp.CHOICES:
+      answer = hf_tok.encode(choice, add_special_tokens=False)
+      ids = torch.tensor([prompt + answer])
+      with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0], -1)
+      lps.append(sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(answer)))
+    ref.append(1.0 / (1.0 + np.exp(lps[1] - lps[0])))
+  np.testing.assert_allclose(ours, ref, atol=1e-5)

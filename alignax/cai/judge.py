@@ -43,19 +43,25 @@ class ChatModel:
 
 
 def load_chat_model(workdir: str) -> ChatModel:
-  """The LM of a run directory (its export, else its latest checkpoint) and its tokenizer and
-  chat template, as `alignax sample` loads them."""
+  """The LM of a run directory (its export, else its latest checkpoint), its tokenizer and the
+  chat template it talks through: the one it was trained with; for an imported checkpoint, its
+  own Jinja template when it has one (an instruct model), else the role markers."""
   from alignax.config import read_config, world_config, world_section
   from alignax.data.sources import resolve_tokenizer
-  from alignax.run_models import chat_template_of, load_policy
+  from alignax.run_models import RAW_STAGES, chat_template_of, load_policy
+  from alignax.data.tokenizers import resolve_chat_template_name
   lm, params, stage, spec = load_policy(workdir)
   try:
     world = read_config(workdir).world
   except Exception:  # an imported run has no config.json: the default world (unused by its tokenizer)
     world = world_section()
   tok = resolve_tokenizer(spec, world=world_config(world))
-  return ChatModel(lm=lm, params=params, tokenizer=tok, template=chat_template_of(workdir),
-                   stage=stage, workdir=workdir)
+  # An import was trained by someone else: an instruct checkpoint talks through its own
+  # template ("model"); one without a template gets the role markers import-hf added.
+  template = (resolve_chat_template_name(spec, "auto") if stage in RAW_STAGES
+              else chat_template_of(workdir))
+  return ChatModel(lm=lm, params=params, tokenizer=tok, template=template, stage=stage,
+                   workdir=workdir)
 
 
 @dataclasses.dataclass(frozen=True)
