@@ -246,6 +246,23 @@ def test_label_resumes_after_sigkill_losing_and_duplicating_nothing(tmp_path):
   assert meta["finished"] and meta["summary"]["pairs"] == 17
 
 
+def test_a_chunk_cut_short_is_dropped_whole_on_resume(tmp_path):
+  from alignax.cai.resumable import ResumableJsonl
+  out = str(tmp_path / "out.jsonl")
+  index_of = lambda r: r["i"]  # noqa: E731
+  first = ResumableJsonl(out, "label", {"a": 1}, index_of, chunk=4, total=10)
+  assert first.todo_chunks() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+  first.append([{"i": i} for i in range(4)])
+  first.append([{"i": i} for i in range(8, 10)])  # the short last chunk, complete
+  with open(out, "a") as f:  # chunk [4, 8) cut short by a kill: two lines and a torn one
+    f.write('{"i": 4}\n{"i": 5}\n{"i": 6')
+  again = ResumableJsonl(out, "label", {"a": 1}, index_of, chunk=4, total=10)
+  assert again.done == {0, 1, 2, 3, 8, 9} and again.todo_chunks() == [[4, 5, 6, 7]]
+  assert [r["i"] for r in again.rows()] == [0, 1, 2, 3, 8, 9]
+  with pytest.raises(Exception, match=r"other settings \(a differ\)"):
+    ResumableJsonl(out, "label", {"a": 2}, index_of, chunk=4, total=10)
+
+
 def test_label_refuses_to_resume_with_other_settings_or_a_foreign_file(tiny_judge, tmp_path):
   pairs = _pairs_file(tmp_path, n=4)
   judge = Judge(tiny_judge, batch_size=8)

@@ -15,10 +15,11 @@ is a preference file in the project's schema: `chosen` is the response the judge
 
 The input's other fields (`chosen_ended`, `chosen_gold`, ...) follow their response.
 
-Resuming: records are appended in chunks, each chunk flushed and fsynced, and the settings
-are kept in OUT.label.json. A rerun of the same command after a kill keeps every complete
-line, drops a torn last line, and labels only the pairs not yet written: nothing is relabeled,
-lost or duplicated. A rerun with other settings (judge, constitution, pairs, principles, seed)
+Resuming: records are appended in chunks of `chunk` consecutive pairs, each flushed and fsynced,
+and the settings are kept in OUT.label.json. A rerun of the same command after a kill keeps
+every complete chunk, drops the one the kill cut short, and labels only the pairs not yet
+written, in the same chunks: nothing is lost or duplicated, and the file equals an
+uninterrupted run's (`resumable.ResumableJsonl`). A rerun with other settings (judge, constitution, pairs, principles, seed)
 is refused, naming them; a finished file is left as it is.
 """
 
@@ -99,14 +100,15 @@ def label_file(judge: Judge, constitution: Constitution, pairs: str, out: str, *
   records = read_records(paths, "preference")
   total = len(records) if limit <= 0 else min(limit, len(records))
   settings = {"judge": os.path.abspath(judge.model.workdir), "constitution": constitution.name,
-              "constitution_fingerprint": constitution.fingerprint(), "pairs": paths,
+              "constitution_fingerprint": constitution.fingerprint(), "pairs": [os.path.abspath(x) for x in paths],
               "pairs_sha256": sha256_files(paths), "principles_per_pair": int(principles_per_pair),
-              "seed": int(seed), "both_orders": bool(both_orders), "pairs_to_label": total}
-  output = ResumableJsonl(out, "label", settings, lambda r: r["ai_feedback"]["index"])
-  todo = output.todo(total)
+              "seed": int(seed), "both_orders": bool(both_orders), "pairs_to_label": total,
+              "chunk": int(chunk)}
+  output = ResumableJsonl(out, "label", settings, lambda r: r["ai_feedback"]["index"], chunk=chunk, total=total)
+  chunks = output.todo_chunks()
+  todo = [i for c in chunks for i in c]
   bar = progress_bar(total, total - len(todo), "label", "pair", progress)
-  for start in range(0, len(todo), chunk):
-    idx = todo[start: start + chunk]
+  for idx in chunks:
     output.append(label_records(judge, [records[i] for i in idx], idx, constitution,
                                 principles_per_pair=principles_per_pair, seed=seed,
                                 both_orders=both_orders))

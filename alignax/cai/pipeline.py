@@ -32,9 +32,8 @@ import shutil
 import time
 
 from alignax import checkpoint as ckpt_lib
-from alignax.config import ConfigDict, ConfigError
-
 from alignax.cai.wiring import FEEDBACK, LABELED, enabled, files, stage_overrides  # noqa: F401
+from alignax.config import ConfigDict, ConfigError
 
 
 def feedback_config(cfg) -> ConfigDict:
@@ -310,7 +309,8 @@ def markdown(report: dict) -> str:
                f"their revision, {r.get('unfinished', 0)} final answers without `<eos>`."), ""]
   models = report["models"]
   human = s.get("human_models")
-  columns = ("gold_reward", "refusal_rate", "accuracy", "win_rate_vs_sft")
+  # (not win_rate_vs_sft: each pipeline's is against its own SFT model)
+  columns = ("gold_reward", "accuracy", "refusal_rate", "confident_wrong_rate", "kl_to_sft")
   if human:
     lines += [f"Models trained on AI labels (this run) and on human labels (`{s['human_report']}`):", "",
               "| model | labels | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]

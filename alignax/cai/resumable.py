@@ -1,9 +1,10 @@
 """A JSONL output that a killed command resumes without losing or duplicating a record.
 
-Rows are appended in chunks, each flushed and fsynced; every row names the index of its input
-record; the command's settings live beside the file in OUT.<kind>.json. Opening an existing
-output keeps its complete lines, cuts a torn last line (a kill mid-write) and reports the
-indices already done; a rerun with other settings is refused, naming them.
+Rows are appended in chunks of consecutive input indices, each flushed and fsynced; every row
+names the index of its input record; the command's settings live beside the file in
+OUT.<kind>.json. Opening an existing output keeps its complete chunks, drops a chunk a kill cut
+short (its complete lines and a torn last line) and reports the indices already done; a rerun
+with other settings is refused, naming them.
 """
 
 from __future__ import annotations
@@ -32,10 +33,16 @@ class ResumableJsonl:
     kind: "label" or "revise": names the settings file (PATH.<kind>.json) and the command.
     settings: what must not change between a run and its resume (JSON-able).
     index_of: a written row -> the index of its input record.
+    chunk, total: rows are written in chunks of input indices [k * chunk, (k + 1) * chunk) of
+      [0, total); a chunk a kill left incomplete is dropped whole on resume and done again, so
+      every chunk is computed as one batch, exactly as in an uninterrupted run (sampling keys
+      and batch shapes follow the chunk).
   """
 
-  def __init__(self, path: str, kind: str, settings: dict[str, Any], index_of: Callable[[dict], int]):
+  def __init__(self, path: str, kind: str, settings: dict[str, Any], index_of: Callable[[dict], int],
+               chunk: int, total: int):
     self.path, self.kind, self.settings, self.index_of = path, kind, settings, index_of
+    self.chunk, self.total = int(chunk), int(total)
     self.settings_path = f"{path}.{kind}.json"
     self.done = self._open()
 
@@ -59,8 +66,9 @@ class ResumableJsonl:
     if end < len(data):  # the torn tail of a killed write: those records are done again
       with open(self.path, "r+b") as f:
         f.truncate(end)
+    lines = data[:end].splitlines(keepends=True)
     done: list[int] = []
-    for n, line in enumerate(data[:end].splitlines(), 1):
+    for n, line in enumerate(lines, 1):
       try:
         done.append(int(self.index_of(json.loads(line))))
       except (ValueError, KeyError, TypeError):
@@ -69,11 +77,26 @@ class ResumableJsonl:
     if len(set(done)) != len(done):
       raise DataError(f"{self.path}: holds an input index more than once; it was not written by "
                       f"one `alignax {self.kind}` run")
+    counts: dict[int, int] = {}
+    for i in done:
+      counts[i // self.chunk] = counts.get(i // self.chunk, 0) + 1
+    complete = {k for k, n in counts.items()
+                if n == min(self.chunk, self.total - k * self.chunk)}
+    if len(complete) < len(counts):  # a chunk cut short: drop its rows, it is done again whole
+      keep = [line for line, i in zip(lines, done) if i // self.chunk in complete]
+      tmp = self.path + ".tmp"
+      with open(tmp, "wb") as f:
+        f.write(b"".join(keep))
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+      done = [i for i in done if i // self.chunk in complete]
     return set(done)
 
-  def todo(self, total: int) -> list[int]:
-    """The indices in [0, total) not written yet, in order."""
-    return [i for i in range(total) if i not in self.done]
+  def todo_chunks(self) -> list[list[int]]:
+    """The chunks of input indices not written yet, in order."""
+    return [list(range(start, min(start + self.chunk, self.total)))
+            for start in range(0, self.total, self.chunk) if start not in self.done]
 
   def append(self, rows: Iterable[dict]) -> None:
     """Appends rows (durably: the call returns once they are on disk)."""

@@ -131,14 +131,14 @@ def revise_file(reviser: Reviser, constitution: Constitution, prompts: str, out:
   total = len(records) if limit <= 0 else min(limit, len(records))
   cfg = reviser.cfg
   settings = {"policy": os.path.abspath(reviser.model.workdir), "constitution": constitution.name,
-              "constitution_fingerprint": constitution.fingerprint(), "prompts": paths,
+              "constitution_fingerprint": constitution.fingerprint(), "prompts": [os.path.abspath(x) for x in paths],
               "prompts_sha256": sha256_files(paths), **dataclasses.asdict(cfg),
-              "prompts_to_revise": total}
-  output = ResumableJsonl(out, "revise", settings, lambda r: r["cai"]["index"])
-  todo = output.todo(total)
+              "prompts_to_revise": total, "chunk": int(chunk)}
+  output = ResumableJsonl(out, "revise", settings, lambda r: r["cai"]["index"], chunk=chunk, total=total)
+  chunks = output.todo_chunks()
+  todo = [i for c in chunks for i in c]
   bar = progress_bar(total, total - len(todo), "revise", "prompt", progress)
-  for start in range(0, len(todo), chunk):
-    idx = todo[start: start + chunk]
+  for idx in chunks:
     output.append(reviser.revise([records[i] for i in idx], idx, constitution))
     if bar is not None:
       bar.update(len(idx))
