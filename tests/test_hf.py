@@ -446,7 +446,10 @@ def test_export_hf_command_round_trip(transformers, tmp_path, capsys):
   assert rel_error(hf_logits(again)[..., :V], hf_logits(model)) <= 1e-4
   tok = make_tokenizer(spec)
   with open(out / "generation_config.json") as f:
-    assert json.load(f)["eos_token_id"] == tok.eos_id
+    # The tokenizer's eos, then the source checkpoint's other generation eos ids (its
+    # generation_config.json, copied at import): every id the sampler stops at.
+    assert json.load(f)["eos_token_id"] == [tok.eos_id, model.generation_config.eos_token_id]
+  assert tok.stop_ids == (tok.eos_id, model.generation_config.eos_token_id)
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
   chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the lazy dog"},
           {"role": "assistant", "content": "a quick fox"}, {"role": "user", "content": "jumps over"}]

@@ -477,3 +477,18 @@ def test_stage_on_an_import_trains_with_its_template(transformers, tmp_path, cap
   assert "chat template the checkpoint's own" in capsys.readouterr().out
   ids, _ = chat.encode_chat(alignax_tok(path), SYSTEM, template="model")
   assert hf_chat(transformers, out, SYSTEM)["input_ids"] == ids
+
+
+def test_stop_ids_come_from_generation_config(tmp_path):
+  path = make_dir(tmp_path / "tok", "qwen")
+  tok = alignax_tok(path)
+  assert tok.stop_ids == (tok.eos_id,)  # no generation_config.json: eos alone
+  end_of_text = tok.template_token_id("<|endoftext|>") or tok._tok.token_to_id("<|endoftext|>")
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": [end_of_text, tok.eos_id, 10**6]}, f)
+  tok = alignax_tok(path)
+  assert tok.stop_ids == (tok.eos_id, end_of_text)  # eos first; ids beyond the vocabulary dropped
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": "<|im_end|>"}, f)
+  with pytest.raises(DataError, match="generation_config.json: eos_token_id must be an integer"):
+    alignax_tok(path)

@@ -118,3 +118,32 @@ def test_prompt_lengths_are_bucketed(model):
   sampler.generate(params, [[1] * 17], jax.random.key(0))
   assert sampler.num_compiles == 2  # batch 1 x bucket 32 is the one new shape
   assert [bucket_length(n) for n in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
+
+
+def test_rows_stop_at_any_of_the_tokenizers_stop_ids(model):
+  """An instruct model's end-of-turn token (generation_config.json's extra eos ids) ends a row
+  as its eos does, and the decoded text leaves both out."""
+  lm, params = model
+  byte = ByteTokenizer()
+  end_of_turn = ord("}")
+
+  class TwoStops:
+    vocab_size, pad_id, bos_id, eos_id = byte.vocab_size, byte.pad_id, byte.bos_id, byte.eos_id
+    stop_ids = (byte.eos_id, end_of_turn)
+
+    def decode(self, ids):
+      return byte.decode(ids)
+
+  tok = TwoStops()
+  params = jax.tree.map(lambda x: x, params)
+  head = params["lm_head"][...]
+  params["lm_head"] = params["lm_head"].replace(head.at[:, end_of_turn].add(0.3))
+  sampler = Sampler(lm, tok, SamplingConfig(temperature=1.0, max_new_tokens=40))
+  out = sampler.generate(params, _prompts(8), jax.random.key(3))
+  ends = [int(row[int(n) - 1]) for row, n, e in zip(out["tokens"], out["lengths"], out["ended"]) if e]
+  assert end_of_turn in ends  # rows ended at the extra stop id
+  for row, n, ended in zip(out["tokens"], out["lengths"], out["ended"]):
+    body = [int(t) for t in row[: int(n) - 1]]
+    assert end_of_turn not in body and tok.eos_id not in body  # nothing runs past a stop
+    assert (int(row[int(n) - 1]) in tok.stop_ids) == bool(ended)
+  assert all("}" not in text for text in sampler.decode(out))

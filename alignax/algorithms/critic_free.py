@@ -16,7 +16,7 @@ from alignax.algorithms.online import (RLState, common_validate, load_reward, pr
 from alignax.algorithms.reward_sources import (RewardSources, check_rewards_after_step,
                                                make_reward_sources, rewards_section)
 from alignax.config import ConfigDict, ConfigError, base_config, world_section
-from alignax.generation.sampler import SamplingConfig
+from alignax.generation.sampler import SamplingConfig, stop_ids
 from alignax.generation.scoring import grouped_response_logprobs
 from alignax.losses import rl
 from alignax.train.loop import Run
@@ -202,7 +202,7 @@ def build_group_run(ctx, algorithm, advantages, clip_range):
                             hparams=algorithm.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   sampling = SamplingConfig(temperature=float(gcfg.temperature), max_new_tokens=int(gcfg.max_new_tokens))
-  step = make_group_iteration(lm, sources_, optimizer, gcfg, sampling, ctx.tokenizer.eos_id,
+  step = make_group_iteration(lm, sources_, optimizer, gcfg, sampling, stop_ids(ctx.tokenizer),
                               ctx.tokenizer.pad_id, config.train.nonfinite, advantages, clip_range)
   tokens = config.train.batch_size * int(gcfg.group_size) * (int(gcfg.prompt_len) + int(gcfg.max_new_tokens))
   return Run(name=algorithm.name, state=state, train_step=step, batches=prompts,

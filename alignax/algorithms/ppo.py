@@ -36,7 +36,7 @@ from alignax.algorithms import online, reward_sources
 from alignax.algorithms.base import Algorithm
 from alignax.algorithms.reward import member_params
 from alignax.config import ConfigDict, ConfigError
-from alignax.generation.sampler import SamplingConfig
+from alignax.generation.sampler import SamplingConfig, stop_ids
 from alignax.generation.scoring import response_logprobs_and_entropy, response_values
 from alignax.losses import rl
 from alignax.train.loop import Run
@@ -194,7 +194,7 @@ def build_run(ctx: StageContext) -> Run:
                             hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   sampling = SamplingConfig(temperature=float(pcfg.temperature), max_new_tokens=int(pcfg.max_new_tokens))
-  step = make_ppo_iteration(lm, value_model, sources, optimizer, pcfg, sampling, ctx.tokenizer.eos_id,
+  step = make_ppo_iteration(lm, value_model, sources, optimizer, pcfg, sampling, stop_ids(ctx.tokenizer),
                             ctx.tokenizer.pad_id, config.train.nonfinite, config.train.batch_size)
   tokens = config.train.batch_size * (int(pcfg.prompt_len) + int(pcfg.max_new_tokens))
   return Run(name="ppo", state=state, train_step=step, batches=prompts,

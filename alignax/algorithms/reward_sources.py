@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignax.config import ConfigDict, ConfigError
+from alignax.generation.sampler import stop_ids
 from alignax.generation.sampler import Rollout
 from alignax.generation.scoring import response_scores
 
@@ -104,9 +105,10 @@ class HostRewards:
     self._lock = threading.Lock()
 
   def _decode(self, tokens, mask) -> list[str]:
+    stops = set(stop_ids(self.tokenizer))
     out = []
     for row, m in zip(tokens, mask):
-      ids = [int(t) for t, keep in zip(row, m) if keep > 0 and int(t) != self.tokenizer.eos_id]
+      ids = [int(t) for t, keep in zip(row, m) if keep > 0 and int(t) not in stops]
       out.append(self.tokenizer.decode(ids))
     return out
 

@@ -68,7 +68,8 @@ def main(flags) -> None:
     spec = "bytes"
   else:
     spec = os.path.join(dst, kind)
-    extras = (("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    extras = (("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "generation_config.json")  # its eos ids: the end-of-turn tokens the sampler stops at
               if kind == "tokenizer.json" else ())
     for name in (kind,) + extras:
       if os.path.isfile(os.path.join(src, name)):

@@ -117,6 +117,20 @@ def read_chat_template(directory: str) -> tuple[str | None, tuple[str, ...]]:
   return None, ()
 
 
+def _generation_eos_ids(directory: str, path: str) -> tuple[int, ...]:
+  """The `eos_token_id` (an int or a list) of generation_config.json beside the tokenizer, where
+  instruct checkpoints list their end-of-turn tokens (Llama 3's <|eot_id|>, Gemma's
+  <end_of_turn>, Qwen's <|im_end|>); () without one."""
+  file = os.path.join(directory, "generation_config.json")
+  if not os.path.isfile(file):
+    return ()
+  value = _read_json(file).get("eos_token_id")
+  values = value if isinstance(value, list) else [value]
+  if not all(isinstance(v, int) and not isinstance(v, bool) for v in values if v is not None):
+    raise DataError(f"{file}: eos_token_id must be an integer or a list of integers, got {value!r}")
+  return tuple(int(v) for v in values if v is not None)
+
+
 def _plain_text_bos(config: dict, tok, bos: int | None) -> bool:
   """Whether transformers' `tokenizer(text)` starts plain text with the bos token: the config's
   `add_bos_token` when it says (v4's fast Llama/Gemma tokenizers rebuild their post-processor
@@ -139,7 +153,9 @@ class HFTokenizer:
     path: a `tokenizer.json` file, or a directory containing one (its `tokenizer_config.json` /
       `special_tokens_map.json`, when present, name bos/eos/pad).
 
-  Attributes (the tokenizer protocol): vocab_size, pad_id, bos_id, eos_id, role_ids.
+  Attributes (the tokenizer protocol): vocab_size, pad_id, bos_id, eos_id, role_ids; stop_ids
+  (eos_id, then the other end ids generation_config.json beside the file lists: the sampler
+  stops at any of them).
   Also: `added_tokens` (names of the role markers this class added to the file's vocabulary,
   in id order), `path`, `add_bos` (plain text starts with `bos_id`, see above),
   `special_ids` (every special id, markers included), and for the model's own chat template:
@@ -215,6 +231,8 @@ class HFTokenizer:
     self.vocab_size = max(vocab.values()) + 1
     self._special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     self._special |= {self.bos_id, self.eos_id, self.pad_id, *self.role_ids.values()}
+    self.stop_ids = (self.eos_id,) + tuple(i for i in _generation_eos_ids(directory, self.path)
+                                           if i != self.eos_id and 0 <= i < self.vocab_size)
     self._init_template(added, directory, None if named.get("bos", "") is None else bos)
 
   def _init_template(self, file_added: dict, directory: str, bos: int | None) -> None:

@@ -115,7 +115,7 @@ class Rollout(struct.PyTreeNode):
     tokens: [B, N] int32 response tokens (pad_id after a row's end).
     mask: [B, N] float32, 1 on real response tokens (up to and including `<eos>`).
     logprobs: [B, N] float32 nats, the sampling distribution's logprobs of the tokens.
-    ended: [B] bool, the row emitted `<eos>`.
+    ended: [B] bool, the row emitted `<eos>` (or another of the tokenizer's stop ids).
   """
 
   prompt_tokens: jax.Array
@@ -141,10 +141,12 @@ def generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, p
   B = P * group_size rows, the samples of a prompt adjacent. Each prompt is prefilled once and its
   KV cache repeated for its group.
 
+  `eos_id` is an id or a tuple of ids (a tokenizer's `stop_ids`): a row ends at any of them.
   With `row_ids` [B] int32, row r draws from `fold_in(key, row_ids[r])`: its samples do not
   depend on the batch's layout (a pmap device's shard draws what the same rows draw on one
   device). Pure and jit-able; `Sampler` wraps it for host use.
   """
+  stop = jnp.asarray(eos_id if isinstance(eos_id, (tuple, list)) else (eos_id,), jnp.int32)
   positions, segments = prompt_layout(prompt_mask)
   p = prompt_tokens.shape[1]
   n = cfg.max_new_tokens
@@ -176,7 +178,7 @@ def generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, p
     tokens = s["tokens"].at[:, i].set(token)
     logprobs = s["logprobs"].at[:, i].set(jnp.where(alive, logp, 0.0))
     mask = s["mask"].at[:, i].set(alive.astype(jnp.float32))
-    done = s["done"] | (alive & (token == eos_id))
+    done = s["done"] | (alive & jnp.isin(token, stop))
     # Finished rows still run through the model (shapes are static) but as padding: segment 0.
     seg = alive.astype(jnp.int32)[:, None]
     logits, cache = lm.apply(params, token[:, None], (prompt_len + i)[:, None], seg, s["cache"])
@@ -191,6 +193,12 @@ def generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, p
 def _generate_dict(lm, cfg, eos_id, pad_id, params, prompt_tokens, prompt_mask, key) -> dict:
   r = generate(lm, cfg, eos_id, pad_id, params, prompt_tokens, prompt_mask, key)
   return dict(tokens=r.tokens, logprobs=r.logprobs, mask=r.mask, lengths=r.lengths, ended=r.ended)
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+  """The ids a response ends at: the tokenizer's `stop_ids` (an imported instruct model's
+  end-of-turn tokens besides its eos), else its `eos_id`."""
+  return tuple(int(i) for i in getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -209,7 +217,8 @@ class Sampler:
 
   def __init__(self, lm: LanguageModel, tokenizer, cfg: SamplingConfig, *, min_bucket: int = 16):
     self.lm, self.tokenizer, self.cfg, self.min_bucket = lm, tokenizer, cfg, min_bucket
-    self._fn = jax.jit(functools.partial(_generate_dict, lm, cfg, tokenizer.eos_id, tokenizer.pad_id))
+    self.stop_ids = stop_ids(tokenizer)
+    self._fn = jax.jit(functools.partial(_generate_dict, lm, cfg, self.stop_ids, tokenizer.pad_id))
     self.shapes_compiled: set[tuple[int, int]] = set()
 
   @property
@@ -253,6 +262,6 @@ class Sampler:
     """Completion texts (without the `<eos>`)."""
     texts = []
     for row, n in zip(out["tokens"], out["lengths"]):
-      ids = [int(t) for t in row[: int(n)] if int(t) != self.tokenizer.eos_id]
+      ids = [int(t) for t in row[: int(n)] if int(t) not in self.stop_ids]
       texts.append(self.tokenizer.decode(ids))
     return texts

@@ -109,7 +109,9 @@ def export_hf(params, cfg: ModelConfig, dst_dir: str, architecture: str | None =
   with open(os.path.join(dst_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf, f, indent=2)
   if tokenizer is not None:
-    generation = dict(bos_token_id=int(tokenizer.bos_id), eos_token_id=int(tokenizer.eos_id),
+    stops = [int(i) for i in getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,)]
+    generation = dict(bos_token_id=int(tokenizer.bos_id),
+                      eos_token_id=stops[0] if len(stops) == 1 else stops,
                       pad_token_id=int(tokenizer.pad_id))
     with open(os.path.join(dst_dir, "generation_config.json"), "w", encoding="utf-8") as f:
       json.dump(generation, f, indent=2)
