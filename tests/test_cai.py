@@ -386,3 +386,23 @@ def test_an_imported_instruct_model_judges_through_its_own_template(transformers
       lps.append(sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(answer)))
     ref.append(1.0 / (1.0 + np.exp(lps[1] - lps[0])))
   np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_revise_counts_prompts_too_long_for_the_model_and_keeps_going(tiny_judge):
+  from alignax.cai.revision import ReviseConfig, Reviser
+  reviser = Reviser(tiny_judge, ReviseConfig(rounds=1, max_new_tokens=8), batch_size=4)
+  records = [{"prompt": "What is 2 plus 2?"}, {"prompt": "word " * 200}]  # 1000 bytes > 512 - 8
+  rows = reviser.revise(records, [0, 1], cc.load("world"))
+  assert reviser.too_long >= 1
+  assert rows[1]["response"] == "" and rows[1]["cai"]["ended"] is False  # unfinished, counted
+  assert rows[1]["cai"]["chain"][0]["taken"] is False
+  assert len(rows) == 2 and rows[0]["cai"]["index"] == 0
+
+
+def test_a_pair_too_long_for_the_judge_is_named_by_its_line(tiny_judge, tmp_path):
+  path = tmp_path / "pairs.jsonl"
+  path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+                  + json.dumps({"prompt": "q", "chosen": "long " * 200, "rejected": "b"}) + "\n")
+  with pytest.raises(Exception, match=r"pairs\.jsonl:2: the judge's comparison prompt for this pair is \d+ tokens"):
+    label_file(Judge(tiny_judge, batch_size=4), cc.load("world"), str(path), str(tmp_path / "out.jsonl"),
+               progress=False)

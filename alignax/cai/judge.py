@@ -64,6 +64,15 @@ def load_chat_model(workdir: str) -> ChatModel:
                    workdir=workdir)
 
 
+class ComparisonTooLong(ValueError):
+  """Comparison `index` is `length` tokens, more than the judge reads before its answer."""
+
+  def __init__(self, index: int, length: int, limit: int):
+    self.index, self.length, self.limit = index, length, limit
+    super().__init__(f"comparison {index} is {length} tokens; the judge reads at most {limit} "
+                     "before its answer (its model.max_seq_len); shorten the responses")
+
+
 @dataclasses.dataclass(frozen=True)
 class Comparison:
   """One question to the judge: which of `first` and `second` better follows `principle`."""
@@ -119,9 +128,7 @@ class Judge:
     limit = self.model.lm.config.max_seq_len - self.choice_tokens.shape[1]
     long = [i for i, r in enumerate(ids) if len(r) > limit]
     if long:
-      raise ValueError(f"comparison {long[0]} is {len(ids[long[0]])} tokens; the judge reads at "
-                       f"most {limit} before its answer (model.max_seq_len "
-                       f"{self.model.lm.config.max_seq_len}); shorten the responses")
+      raise ComparisonTooLong(long[0], len(ids[long[0]]), limit)
     width = min(bucket_length(max(len(r) for r in ids)), limit)
     out = []
     for start in range(0, len(ids), self.batch_size):

@@ -32,8 +32,9 @@ import numpy as np
 
 from alignax.cai import prompts as cai_prompts
 from alignax.cai.constitution import Constitution, sample_principles
-from alignax.cai.judge import Comparison, Judge
+from alignax.cai.judge import Comparison, ComparisonTooLong, Judge
 from alignax.cai.resumable import ResumableJsonl, progress_bar, sha256_files
+from alignax.errors import DataError
 
 
 def principles_for(constitution: Constitution, index: int, n: int, seed: int):
@@ -60,7 +61,14 @@ def label_records(judge: Judge, records: Sequence[dict], indices: Sequence[int],
     start = len(asked)
     asked += [Comparison(p, _plain(rec["prompt"]), first, second) for p in principles]
     spans.append((start, len(asked), principles))
-  probs = judge.probs(asked, both_orders=both_orders)
+  try:
+    probs = judge.probs(asked, both_orders=both_orders)
+  except ComparisonTooLong as e:  # name the pair's file and line, not a position in a batch
+    j = next(k for k, (lo, hi, _) in enumerate(spans) if lo <= e.index < hi)
+    where = records[j].get("_source") or f"pair {indices[j]}"
+    raise DataError(f"{where}: the judge's comparison prompt for this pair is {e.length} tokens; "
+                    f"it reads at most {e.limit} before its answer (model.max_seq_len); shorten "
+                    "the responses or use a judge with a longer context") from None
   out = []
   for rec, index, (lo, hi, principles) in zip(records, indices, spans):
     p_input = probs[lo:hi]

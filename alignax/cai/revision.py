@@ -64,14 +64,24 @@ class Reviser:
     self.model, self.cfg, self.batch_size = model, cfg, int(batch_size)
     self.sampler = Sampler(model.lm, model.tokenizer,
                            SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens))
+    self.too_long = 0  # prompts (answers, critiques, revisions) that did not fit, so far
 
   def _ids(self, user_text) -> list[int]:
     messages = user_text if not isinstance(user_text, str) else [{"role": "user", "content": user_text}]
     return encode_prompt(self.model.tokenizer, messages, template=self.model.template)
 
   def sample(self, user_texts: Sequence, key: jax.Array) -> list[tuple[str, bool]]:
-    """(text, ended with <eos>) for each prompt (a user message's text, or a conversation)."""
+    """(text, ended with <eos>) for each prompt (a user message's text, or a conversation).
+
+    A prompt too long for the model to answer within model.max_seq_len gets ("", False): its
+    revision is not taken (or its record counts as unfinished), and `self.too_long` counts it."""
     ids = [self._ids(t) for t in user_texts]
+    limit = self.model.lm.config.max_seq_len - self.cfg.max_new_tokens
+    fits = [len(r) <= limit for r in ids]
+    self.too_long += fits.count(False)
+    if not any(fits):
+      return [("", False)] * len(ids)
+    ids = [r if ok else ids[fits.index(True)] for r, ok in zip(ids, fits)]  # a stand-in row
     tokens, mask = self.sampler.pad_prompts(ids)
     out = []
     for start in range(0, len(ids), self.batch_size):
@@ -81,7 +91,7 @@ class Reviser:
                                                         jax.random.fold_in(key, start)))
       res = {k: v[: len(rows)] for k, v in res.items()}
       out += list(zip(self.sampler.decode(res), res["ended"].astype(bool).tolist()))
-    return out
+    return [o if ok else ("", False) for o, ok in zip(out, fits)]
 
   def revise(self, records: Sequence[dict], indices: Sequence[int],
              constitution: Constitution) -> list[dict[str, Any]]:
@@ -144,7 +154,7 @@ def revise_file(reviser: Reviser, constitution: Constitution, prompts: str, out:
       bar.update(len(idx))
   if bar is not None:
     bar.close()
-  summary = summarize(output.rows())
+  summary = dict(summarize(output.rows()), too_long_prompts_this_run=reviser.too_long)
   output.finish(summary)
   return summary
 

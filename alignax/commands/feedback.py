@@ -38,4 +38,6 @@ def revise_main(flags) -> None:
   summary = revise_file(reviser, constitution, flags.prompts, flags.out, limit=flags.limit)
   print(f"revise: {summary['prompts']} prompts in {flags.out}; {summary.get('changed', 0)} "
         f"changed by revision, {summary.get('unfinished', 0)} whose final response did not end "
-        f"with <eos> (kept, marked \"ended\": false)")
+        f"with <eos> (kept, marked \"ended\": false)"
+        + (f"; {summary['too_long_prompts_this_run']} prompts too long for the model's "
+           f"max_seq_len were not sampled" if summary.get("too_long_prompts_this_run") else ""))
