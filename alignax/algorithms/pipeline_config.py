@@ -31,16 +31,24 @@ def stage_names(cfg) -> list[str]:
   return names
 
 
-def stage_config(cfg, name: str) -> ConfigDict:
-  """The stage's config with the shared keys and the pipeline's workdirs filled in."""
-  scfg = copy.deepcopy(cfg[name])
+def with_shared_keys(cfg, section: str) -> ConfigDict:
+  """A copy of the pipeline's `section` (a stage config) in WORKDIR/<section>, with the keys
+  every stage shares (seed, tokenizer, world, data.loader/tfds_dir/chat_template) filled in."""
+  scfg = copy.deepcopy(cfg[section])
   with scfg.unlocked():
-    scfg.workdir = os.path.join(cfg.workdir, name)
+    scfg.workdir = os.path.join(cfg.workdir, section)
     for key in SHARED:
       scfg[key] = cfg[key]
     scfg.world = copy.deepcopy(cfg.world)
     for key in ("loader", "tfds_dir", "chat_template"):
       scfg.data[key] = cfg.data[key]
+  return scfg
+
+
+def stage_config(cfg, name: str) -> ConfigDict:
+  """The stage's config with the shared keys and the pipeline's workdirs filled in."""
+  scfg = with_shared_keys(cfg, name)
+  with scfg.unlocked():
     for field, upstream in registry.get(name).upstream.items():
       scfg[field].workdir = os.path.join(cfg.workdir, upstream)
       scfg[field].run_if_missing = False  # the pipeline runs stages in order itself

@@ -25,7 +25,6 @@ pipeline has run (`rlaif.human_report`), its models beside the RLAIF ones.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -39,15 +38,9 @@ from alignax.config import ConfigDict, ConfigError
 def feedback_config(cfg) -> ConfigDict:
   """The feedback model's SFT config: the `feedback` section with the pipeline's shared keys,
   from the pipeline's pretrain export."""
-  from alignax.algorithms.pipeline_config import SHARED
-  scfg = copy.deepcopy(cfg[FEEDBACK])
+  from alignax.algorithms.pipeline_config import with_shared_keys
+  scfg = with_shared_keys(cfg, FEEDBACK)
   with scfg.unlocked():
-    scfg.workdir = os.path.join(cfg.workdir, FEEDBACK)
-    for key in SHARED:
-      scfg[key] = cfg[key]
-    scfg.world = copy.deepcopy(cfg.world)
-    for key in ("loader", "tfds_dir", "chat_template"):
-      scfg.data[key] = cfg.data[key]
     scfg.init.workdir = os.path.join(cfg.workdir, "pretrain")
     scfg.init.run_if_missing = False
   return scfg
