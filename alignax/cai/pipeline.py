@@ -31,7 +31,7 @@ import shutil
 import time
 
 from alignax import checkpoint as ckpt_lib
-from alignax.cai.wiring import FEEDBACK, LABELED, enabled, files, stage_overrides  # noqa: F401
+from alignax.cai.wiring import FEEDBACK, LABELED, files
 from alignax.config import ConfigDict, ConfigError
 
 

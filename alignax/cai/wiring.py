@@ -12,10 +12,6 @@ FEEDBACK = "feedback"  # the config section and subdirectory of the feedback mod
 LABELED = ("reward", "dpo")  # stages that train on the AI-labeled pairs
 
 
-def enabled(cfg) -> bool:
-  return "rlaif" in cfg
-
-
 def files(cfg) -> dict[str, str]:
   """Where each step writes, under the pipeline's WORKDIR."""
   w = cfg.workdir
