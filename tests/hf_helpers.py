@@ -58,6 +58,29 @@ MODELS = {
             sliding_attention=dict(rope_type="default", rope_theta=10.0)))),
     "gemma2": ("Gemma2Config", dict(GEMMA, num_hidden_layers=3, attn_logit_softcapping=5.0,
                                     final_logit_softcapping=3.0)),
+    # OLMo 2: norms after each sublayer only, q/k norms over all heads; with q/k/v/o biases too.
+    "olmo2": ("Olmo2Config", dict(SMALL, pad_token_id=0, bos_token_id=0, eos_token_id=1)),
+    "olmo2_bias": ("Olmo2Config", dict(SMALL, attention_bias=True, tie_word_embeddings=True,
+                                       rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1)),
+    # Phi-3: fused projections; RoPE on half of each head (16 -> 8 dims); LongRoPE with the short
+    # factors up to position 16 and the long ones past it; and a real sliding window.
+    "phi3": ("Phi3Config", dict(SMALL, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+                                rope_parameters=dict(rope_type="default", rope_theta=5000.0,
+                                                     partial_rotary_factor=0.5))),
+    "phi3_longrope": ("Phi3Config", dict(
+        SMALL, pad_token_id=0, bos_token_id=0, eos_token_id=1, original_max_position_embeddings=16,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+                             short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[1.0, 4.0, 8.0, 16.0]))),
+    "phi3_window": ("Phi3Config", dict(SMALL, sliding_window=8, pad_token_id=0, bos_token_id=0,
+                                       eos_token_id=1)),
+    # Gemma 3's multimodal checkpoint: a tiny vision tower and projector beside its text model.
+    "gemma3_vision": ("Gemma3Config", dict(
+        text_config=dict(GEMMA, sliding_window_pattern=3, rope_parameters=dict(
+            full_attention=dict(rope_type="default", rope_theta=5000.0),
+            sliding_attention=dict(rope_type="default", rope_theta=100.0))),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=V - 1, boi_token_index=V - 3, eoi_token_index=V - 2)),
 }
 
 

@@ -68,7 +68,7 @@ def model_differences(saved: dict, current: dict) -> list[str]:
 
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
               "max_seq_len", "norm", "position", "mlp", "tie_embeddings", "use_bias", "qkv_bias",
-              "attention_bias", "mlp_bias", "qk_norm", "post_norms",
+              "attention_bias", "mlp_bias", "qk_norm", "post_norms", "pre_norms", "qk_norm_scope",
               "param_dtype")
 
 

@@ -89,6 +89,9 @@ def main(flags) -> None:
         f"d_ff={cfg.d_ff}, vocab_size={vocab}, max_seq_len={cfg.max_seq_len}")
   print(f"  params: {info['num_params']:,} in {info['dtype']} "
         f"(checkpoint: {', '.join(info['source_dtypes'])})")
+  if info.get("skipped_tensors"):
+    print(f"  skipped: {len(info['skipped_tensors'])} tensors ({info['skipped_params']:,} params) "
+          "outside the text model (vision tower, multimodal projector)")
   line = f"  tokenizer: {spec}"
   if tok is not None and kind != "bytes":
     line += f" (vocab {tok.vocab_size}"

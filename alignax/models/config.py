@@ -6,6 +6,8 @@ Mistral/Qwen2 are Llama style with (optionally) q/k/v biases.
 Gemma 2/3 style: GeGLU, RMSNorm scaling by (1 + weight), a norm before and after each sublayer,
 embeddings scaled by sqrt(d_model), local sliding-window layers interleaved with global ones,
 logit soft-capping.
+OLMo 2 is Llama style with norms after each sublayer only and q/k norms over all heads at once;
+Phi-3 is Llama style, optionally with RoPE on part of each head and LongRoPE scaling.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu", "geglu")
 REMATS = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
-ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn", "longrope")
+QK_NORM_SCOPES = ("head", "all")
 LAYER_KINDS = "LG"  # layer_pattern: L = local (sliding window), G = global (full attention)
 
 
@@ -44,15 +47,24 @@ class ModelConfig:
       initialized at zero.
     post_norms: a norm after each sublayer too, on its output before the residual add (Gemma's
       post_attention / post_feedforward norms): x + norm(attn(norm(x))), then the same for the MLP.
+    pre_norms: the norm before each sublayer (on its input); False with post_norms is OLMo 2's
+      block, x + norm(attn(x)), then x + norm(mlp(x)).
     position: "learned" absolute positions or "rope".
     rope_theta: RoPE base frequency.
-    rope_scaling: "none", "linear", "dynamic", "llama3" or "yarn" (see `alignax.models.rope`).
+    rope_scaling: "none", "linear", "dynamic", "llama3", "yarn" or "longrope" (see
+      `alignax.models.rope`).
     rope_factor: the scaling factor of the scaled variants.
     rope_original_max_len: the context length the frequencies were trained for
       (original_max_position_embeddings; for "dynamic", the length beyond which the base grows).
     rope_low_freq_factor, rope_high_freq_factor: "llama3"'s wavelength band.
     rope_beta_fast, rope_beta_slow, rope_truncate: "yarn"'s correction range.
-    rope_attention_factor: "yarn"'s cos/sin scale; 0 means 0.1 ln(rope_factor) + 1.
+    rope_attention_factor: "yarn"'s and "longrope"'s cos/sin scale; 0 means 0.1 ln(rope_factor) + 1
+      (yarn), sqrt(1 + ln(rope_factor) / ln(rope_original_max_len)) (longrope; 1 if factor <= 1).
+    rope_short_factor, rope_long_factor: "longrope"'s per-frequency divisors (rope_dim / 2 each):
+      the short ones while every position of the call is below rope_original_max_len, else the
+      long ones (Phi-3).
+    rotary_dim: RoPE rotates the first rotary_dim dimensions of each head and passes the rest
+      through (Phi-3's partial_rotary_factor); 0 = the whole head.
     rope_local_theta: plain-RoPE base of the local (sliding-window) layers, which then ignore
       rope_scaling (Gemma 3's rope_local_base_freq); 0 = every layer uses rope_theta/rope_scaling.
     mlp: "gelu" (tanh approximation, GPT-2), "swiglu" (silu(gate) * up) or "geglu"
@@ -63,6 +75,8 @@ class ModelConfig:
     attention_bias: biases on q/k/v and the output projection (Llama `attention_bias`).
     mlp_bias: biases on the MLP's projections (Llama `mlp_bias`).
     qk_norm: RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3).
+    qk_norm_scope: "head" (the norm runs over each head's Dh, scales [Dh]) or "all" (over the
+      whole projected query / key vector, H*Dh and K*Dh, scales [H, Dh] / [K, Dh]: OLMo 2).
     sliding_window: on local layers each token attends to itself and the `sliding_window - 1`
       tokens before it (Mistral); 0 = full causal attention everywhere.
     layer_pattern: one letter per layer, "L" local (sliding window, `rope_local_theta`) or "G"
@@ -100,6 +114,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   norm_plus_one: bool = False
   post_norms: bool = False
+  pre_norms: bool = True
   position: str = "rope"
   rope_theta: float = 10000.0
   rope_scaling: str = "none"
@@ -111,6 +126,9 @@ class ModelConfig:
   rope_beta_slow: float = 1.0
   rope_truncate: bool = True
   rope_attention_factor: float = 0.0
+  rope_short_factor: tuple[float, ...] = ()
+  rope_long_factor: tuple[float, ...] = ()
+  rotary_dim: int = 0
   rope_local_theta: float = 0.0
   mlp: str = "swiglu"
   tie_embeddings: bool = False
@@ -119,6 +137,7 @@ class ModelConfig:
   attention_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False
+  qk_norm_scope: str = "head"
   sliding_window: int = 0
   layer_pattern: str = ""
   query_pre_attn_scalar: float = 0.0
@@ -132,6 +151,8 @@ class ModelConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
+    for name in ("rope_short_factor", "rope_long_factor"):  # lists from JSON / ConfigDict
+      object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
     self.validate()
 
   @property
@@ -141,6 +162,11 @@ class ModelConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def rope_dim(self) -> int:
+    """Dimensions of each head RoPE rotates (the rest pass through)."""
+    return self.rotary_dim or self.dim_per_head
 
   @property
   def qkv_biased(self) -> bool:
@@ -194,17 +220,33 @@ class ModelConfig:
           f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
     check(self.position != "rope" or self.dim_per_head % 2 == 0, "head_dim",
           f"RoPE needs an even head dimension, got {self.dim_per_head}")
+    check(self.rotary_dim >= 0 and self.rotary_dim <= self.dim_per_head and self.rotary_dim % 2 == 0,
+          "rotary_dim", f"must be even and in [0, head_dim={self.dim_per_head}], got {self.rotary_dim}")
+    check(not self.rotary_dim or self.position == "rope", "rotary_dim", "needs position='rope'")
+    check(self.pre_norms or self.post_norms, "pre_norms",
+          "a block needs norms before its sublayers, after them (post_norms), or both")
+    check(self.qk_norm_scope in QK_NORM_SCOPES, "qk_norm_scope",
+          f"must be one of {QK_NORM_SCOPES}, got {self.qk_norm_scope!r}")
     check(self.rope_scaling in ROPE_SCALINGS, "rope_scaling",
           f"must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
     if self.rope_scaling != "none":
       check(self.position == "rope", "rope_scaling", "needs position='rope'")
       check(self.rope_factor > 0, "rope_factor", f"must be > 0, got {self.rope_factor}")
-    if self.rope_scaling in ("dynamic", "llama3", "yarn"):
+    if self.rope_scaling in ("dynamic", "llama3", "yarn", "longrope"):
       check(self.rope_original_max_len > 0, "rope_original_max_len",
             f"rope_scaling={self.rope_scaling!r} needs the original context length (> 0)")
     if self.rope_scaling == "llama3":
       check(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "rope_high_freq_factor",
             "must be > rope_low_freq_factor > 0")
+    if self.rope_scaling == "longrope":
+      half = self.rope_dim // 2
+      for name in ("rope_short_factor", "rope_long_factor"):
+        factors = getattr(self, name)
+        check(len(factors) == half and all(x > 0 for x in factors), name,
+              f"rope_scaling='longrope' needs {half} positive factors (rope_dim / 2), got {len(factors)}")
+    else:
+      check(not self.rope_short_factor and not self.rope_long_factor, "rope_short_factor",
+            "only rope_scaling='longrope' uses rope_short_factor / rope_long_factor")
     check(self.sliding_window >= 0, "sliding_window", f"must be >= 0, got {self.sliding_window}")
     if self.layer_pattern:
       check(len(self.layer_pattern) == self.n_layers and set(self.layer_pattern) <= set(LAYER_KINDS),
@@ -227,13 +269,13 @@ class ModelConfig:
     if self.out_biased:
       attn += d
     if self.qk_norm:
-      attn += 2 * dh
+      attn += (h + k) * dh if self.qk_norm_scope == "all" else 2 * dh
     gated = self.mlp in ("swiglu", "geglu")
     mlp = (3 if gated else 2) * d * f
     if self.mlp_biased:
       mlp += (2 * f if gated else f) + d
     norm = d * (2 if self.norm == "layernorm" else 1)
-    per_layer = attn + mlp + (4 if self.post_norms else 2) * norm
+    per_layer = attn + mlp + 2 * (int(self.pre_norms) + int(self.post_norms)) * norm
     total = self.n_layers * per_layer + norm
     if include_embeddings:
       total += v * d

@@ -83,6 +83,15 @@ def head_rms_norm(x: Array, scale, eps: float, plus_one: bool = False) -> Array:
   return y.astype(x.dtype)
 
 
+def all_heads_rms_norm(x: Array, scale, eps: float, plus_one: bool = False) -> Array:
+  """RMSNorm of [B, T, H, Dh] over all of a token's H*Dh values at once, scale [H, Dh] (OLMo 2's
+  q/k norm, on the projections before they are split into heads), in float32."""
+  xf = x.astype(jnp.float32)
+  b, t, h, dh = x.shape
+  y = rms_normalize(xf.reshape(b, t, h * dh), eps).reshape(b, t, h, dh) * norm_scale(scale, plus_one)
+  return y.astype(x.dtype)
+
+
 def softcap(x: Array, cap: float) -> Array:
   """cap * tanh(x / cap): x squashed into (-cap, cap), near-identity for |x| << cap (Gemma 2)."""
   return cap * jnp.tanh(x / cap)
@@ -132,8 +141,12 @@ class Attention(nnx.Module):
       self.bo = _param(rngs, (d,), ("embed",), cfg, "zeros")
     if cfg.qk_norm:
       init = "zeros" if cfg.norm_plus_one else "ones"
-      self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, init)
-      self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, init)
+      if cfg.qk_norm_scope == "all":  # one norm over all heads' queries (keys): OLMo 2
+        self.q_norm = _param(rngs, (h, dh), ("heads", "head_dim"), cfg, init)
+        self.k_norm = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init)
+      else:
+        self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, init)
+        self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, init)
 
   def __call__(self, x: Array, rotary, mask: Array, kv_cache=None, cache_end=None):
     """Attends over x (or over the cache with x's keys written into it).
@@ -163,7 +176,10 @@ class Attention(nnx.Module):
     q = project(self.wq, self.bq if biased else None, cfg.n_heads)
     k = project(self.wk, self.bk if biased else None, cfg.kv_heads)
     v = project(self.wv, self.bv if biased else None, cfg.kv_heads)
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_scope == "all":
+      q = all_heads_rms_norm(q, self.q_norm, cfg.norm_eps, cfg.norm_plus_one)
+      k = all_heads_rms_norm(k, self.k_norm, cfg.norm_eps, cfg.norm_plus_one)
+    elif cfg.qk_norm:
       q = head_rms_norm(q, self.q_norm, cfg.norm_eps, cfg.norm_plus_one)
       k = head_rms_norm(k, self.k_norm, cfg.norm_eps, cfg.norm_plus_one)
     if rotary is not None:
@@ -229,13 +245,16 @@ class Mlp(nnx.Module):
 
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); with `post_norms` each
-  sublayer's output is normalized too before it is added (Gemma)."""
+  sublayer's output is normalized too before it is added (Gemma), and without `pre_norms` only
+  that one is (OLMo 2: x + norm(attn(x)))."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.post_norms = cfg.post_norms
-    self.attn_norm = Norm(cfg, rngs)
+    self.post_norms, self.pre_norms = cfg.post_norms, cfg.pre_norms
+    if cfg.pre_norms:
+      self.attn_norm = Norm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
-    self.mlp_norm = Norm(cfg, rngs)
+    if cfg.pre_norms:
+      self.mlp_norm = Norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs)
     if cfg.post_norms:
       self.attn_out_norm = Norm(cfg, rngs)
@@ -245,11 +264,12 @@ class Block(nnx.Module):
     # The residual stream is split by rows only at block boundaries: under FSDP this makes XLA
     # gather weights rather than whole-batch activations (a no-op without a jit mesh).
     x = constrain(x, RESIDUAL_AXES)
-    a, kv_cache = self.attn(self.attn_norm(x), rotary, mask, kv_cache, cache_end)
+    a, kv_cache = self.attn(self.attn_norm(x) if self.pre_norms else x, rotary, mask, kv_cache,
+                            cache_end)
     if self.post_norms:
       a = self.attn_out_norm(a)
     x = x + a
-    m = self.mlp(self.mlp_norm(x))
+    m = self.mlp(self.mlp_norm(x) if self.pre_norms else x)
     if self.post_norms:
       m = self.mlp_out_norm(m)
     x = x + m

@@ -14,6 +14,16 @@ Supported architectures (`config.json` `architectures`, or `model_type` when tha
                                and final logit soft-capping, `query_pre_attn_scalar`
   Gemma3ForCausalLM (gemma3_text)  as Gemma 2 with (1 + w) q/k norms, no soft-capping, and a
                                separate RoPE base for local layers (`rope_local_base_freq`)
+  Gemma3ForConditionalGeneration (gemma3)  its text model (`text_config`, weights under
+                               `language_model.model.` or `model.language_model.`), as
+                               Gemma3ForCausalLM; the vision tower and multimodal projector are
+                               skipped (counted in the import's info); exported as Gemma3ForCausalLM
+  Olmo2ForCausalLM (olmo2)     as Llama, with no norm before the sublayers but one on each
+                               sublayer's output (post_attention / post_feedforward), and q/k
+                               RMSNorm over all heads' projected queries / keys at once
+  Phi3ForCausalLM (phi3)       as Mistral, with fused qkv_proj / gate_up_proj weights (split on
+                               import, fused on export), partial rotary (`partial_rotary_factor`)
+                               and LongRoPE scaling (`longrope`: short/long factors)
 """
 
 from __future__ import annotations
@@ -32,7 +42,15 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": ("llama", "qwen3"),
     "Gemma2ForCausalLM": ("gemma", "gemma2"),
     "Gemma3ForCausalLM": ("gemma", "gemma3_text"),
+    "Gemma3ForConditionalGeneration": ("gemma", "gemma3"),
+    "Olmo2ForCausalLM": ("llama", "olmo2"),
+    "Phi3ForCausalLM": ("phi3", "phi3"),
 }
+# Import-only architectures and what their import exports as (the text model alone).
+EXPORTED_AS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+# Tensors of a multimodal checkpoint outside its text model: skipped (and counted) on import.
+SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                    "model.multi_modal_projector.")
 MODEL_TYPES = {model_type: arch for arch, (_, model_type) in ARCHITECTURES.items()}
 # Tensors some checkpoints carry that are not weights (GPT-2's causal-mask buffers, old Llama
 # checkpoints' RoPE frequencies): skipped on import.
@@ -74,24 +92,38 @@ def architecture_of(hf: dict) -> str:
   return MODEL_TYPES[model_type]
 
 
-def _rope_fields(hf: dict, where: str, params: dict | None = None) -> dict:
+def _rope_fields(hf: dict, where: str, params: dict | None = None, model_type: str = "") -> dict:
   """ModelConfig's rope_* fields from `rope_parameters` (transformers >= 5) or `rope_theta` and
   `rope_scaling` (older), or from `params` (one layer type's); HFError for a variant alignax does
-  not implement."""
+  not implement. Phi-3 (`model_type` "phi3") alone may rotate part of each head and use LongRoPE."""
   if params is None:
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
   if any(isinstance(v, dict) for v in params.values()):
     raise HFError(f"{where}: per-layer-type rope_parameters are unsupported")
+  phi3 = model_type == "phi3"
   rope_type = params.get("rope_type") or params.get("type") or "default"
+  if phi3 and rope_type in ("su", "yarn"):  # Phi3Config reads both as LongRoPE
+    rope_type = "longrope"
   partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-  if partial not in (None, 1, 1.0):
-    raise HFError(f"{where}: partial_rotary_factor={partial} is unsupported (only 1.0)")
   fields = dict(rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
+  if partial not in (None, 1, 1.0):
+    if not phi3:
+      raise HFError(f"{where}: partial_rotary_factor={partial} is unsupported here (only 1.0; "
+                    "alignax implements a partial rotary for Phi3ForCausalLM)")
+    head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // int(hf["num_attention_heads"]))
+    rotary = int(head_dim * float(partial))  # transformers' int(head_dim * partial_rotary_factor)
+    if rotary <= 0 or rotary % 2:
+      raise HFError(f"{where}: partial_rotary_factor={partial} gives {rotary} rotary dimensions "
+                    f"of head_dim={head_dim}; RoPE needs a positive even number")
+    fields.update(rotary_dim=rotary)
   if rope_type == "default":
     return fields
-  if rope_type not in ("linear", "dynamic", "llama3", "yarn"):
-    raise HFError(f"{where}: RoPE scaling {rope_type!r} is unsupported (alignax implements "
-                  "'default', 'linear', 'dynamic', 'llama3' and 'yarn')")
+  if rope_type == "longrope" and phi3:
+    return {**fields, **_longrope_fields(hf, params, where)}
+  if rope_type not in ("linear", "dynamic", "llama3", "yarn") or phi3:
+    raise HFError(f"{where}: RoPE scaling {rope_type!r} is unsupported here (alignax implements "
+                  "'default', 'linear', 'dynamic', 'llama3' and 'yarn', and 'longrope' for "
+                  "Phi3ForCausalLM, whose only scaling it is)")
   max_pos = int(hf["max_position_embeddings"])
   original = int(params.get("original_max_position_embeddings")
                  or hf.get("original_max_position_embeddings") or max_pos)
@@ -119,13 +151,47 @@ def _rope_fields(hf: dict, where: str, params: dict | None = None) -> dict:
   return fields
 
 
+def _longrope_fields(hf: dict, params: dict, where: str) -> dict:
+  """The rope_* fields of Phi-3's LongRoPE, as transformers reads its config: the top-level
+  original_max_position_embeddings (Phi3Config's default 4096 when config.json has none) wins
+  over rope_parameters'; factor defaults to max_position_embeddings / original."""
+  from alignax.models.rope import longrope_attention_factor
+  for key in ("short_factor", "long_factor"):
+    if not isinstance(params.get(key), (list, tuple)):
+      raise HFError(f"{where}: RoPE scaling 'longrope' needs a list {key} (got {params.get(key)!r})")
+  original = int(hf.get("original_max_position_embeddings") or 4096)
+  factor = params.get("factor")
+  if factor is None:
+    factor = int(hf.get("max_position_embeddings", 4096)) / original
+  attention = params.get("attention_factor")
+  if attention is None:
+    attention = longrope_attention_factor(float(factor), original)
+  return dict(rope_scaling="longrope", rope_factor=float(factor), rope_original_max_len=original,
+              rope_attention_factor=float(attention),
+              rope_short_factor=tuple(float(x) for x in params["short_factor"]),
+              rope_long_factor=tuple(float(x) for x in params["long_factor"]))
+
+
 def _rope_to_hf(cfg: ModelConfig) -> dict:
   """`rope_parameters` (transformers 5) for cfg's rope_* fields."""
   out = dict(rope_type="default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
              rope_theta=cfg.rope_theta)
+  if cfg.rotary_dim:
+    out.update(partial_rotary_factor=cfg.rotary_dim / cfg.dim_per_head)
   if cfg.rope_scaling == "none":
     return out
   out.update(factor=cfg.rope_factor)
+  if cfg.rope_scaling == "longrope":
+    from alignax.models.rope import longrope_attention_factor
+    out.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor),
+               original_max_position_embeddings=cfg.rope_original_max_len,
+               attention_factor=cfg.rope_attention_factor)
+    # Left out when transformers derives the same (as Phi-3's own configs leave them out).
+    if cfg.rope_factor == cfg.max_seq_len / cfg.rope_original_max_len:
+      del out["factor"]
+    default = longrope_attention_factor(cfg.rope_factor, cfg.rope_original_max_len)
+    if not cfg.rope_attention_factor or cfg.rope_attention_factor == default:
+      del out["attention_factor"]
   if cfg.rope_scaling == "llama3":
     out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                original_max_position_embeddings=cfg.rope_original_max_len)
@@ -228,6 +294,22 @@ def _gemma_fields(hf: dict, model_type: str, max_seq_len: int | None, where: str
       scale_embeddings=True)
 
 
+def _text_config(hf: dict, where: str) -> dict:
+  """A multimodal config's `text_config`, with the top-level tie_word_embeddings (the one
+  transformers ties the head by) when config.json gives one."""
+  text = hf.get("text_config")
+  if not isinstance(text, dict):
+    raise HFError(f"{where}: {hf.get('architectures') or hf.get('model_type')} needs a text_config "
+                  f"dict (got {text!r})")
+  if text.get("model_type", "gemma3_text") != "gemma3_text":
+    raise HFError(f"{where}: text_config model_type {text.get('model_type')!r} is unsupported "
+                  "(alignax imports a Gemma 3 text model, gemma3_text)")
+  text = dict(text)
+  if "tie_word_embeddings" in hf:
+    text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+  return text
+
+
 def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None = None,
                    where: str = "config.json") -> tuple[ModelConfig, str]:
   """(ModelConfig, architecture) for a Hugging Face `config.json` dict; HFError when unsupported.
@@ -264,6 +346,9 @@ def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None 
           mlp="gelu", tie_embeddings=bool(hf.get("tie_word_embeddings", True)), use_bias=True,
           dtype=compute, param_dtype=dtype)
     elif family == "gemma":
+      if model_type == "gemma3":  # Gemma3ForConditionalGeneration: its text model
+        hf = _text_config(hf, where)
+        model_type = "gemma3_text"
       cfg = ModelConfig(**_gemma_fields(hf, model_type, max_seq_len, where), dtype=compute,
                         param_dtype=dtype)
     else:
@@ -271,17 +356,22 @@ def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None 
       if act not in ("silu", "swish"):
         raise HFError(f"{where}: hidden_act {act!r} is unsupported (alignax's SwiGLU uses silu)")
       seq = int(max_seq_len or hf["max_position_embeddings"])
-      window, pattern = _sliding_window(hf, model_type, seq, where) if model_type != "llama" else (0, "")
+      window, pattern = ((0, "") if model_type in ("llama", "olmo2")
+                         else _sliding_window(hf, model_type, seq, where))
       heads = int(hf["num_attention_heads"])
+      olmo2 = model_type == "olmo2"
+      # transformers' class defaults where config.json leaves the key out.
+      eps = hf.get("rms_norm_eps", 1e-5 if model_type in ("olmo2", "phi3") else 1e-6)
       cfg = ModelConfig(
           vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
           n_layers=int(hf["num_hidden_layers"]), n_heads=heads,
           n_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=int(hf.get("head_dim") or 0),
           d_ff=int(hf["intermediate_size"]), max_seq_len=seq, norm="rmsnorm",
-          norm_eps=float(hf.get("rms_norm_eps", 1e-6)), position="rope", **_rope_fields(hf, where),
+          norm_eps=float(eps), position="rope", **_rope_fields(hf, where, model_type=model_type),
           mlp="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)), use_bias=False,
           qkv_bias=model_type == "qwen2", attention_bias=bool(hf.get("attention_bias", False)),
-          mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+          mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "olmo2"),
+          qk_norm_scope="all" if olmo2 else "head", pre_norms=not olmo2, post_norms=olmo2,
           sliding_window=window, layer_pattern=pattern, dtype=compute, param_dtype=dtype)
   except KeyError as e:
     raise HFError(f"{where}: {arch} config is missing {e.args[0]!r}") from None
@@ -300,22 +390,41 @@ def _partial_window(cfg: ModelConfig) -> bool:
   return len(set(cfg.local_layers)) == 2
 
 
-def _check_gemma_only(cfg: ModelConfig, architecture: str) -> None:
+def _check_gemma_only(cfg: ModelConfig, architecture: str, skip: tuple[str, ...] = ()) -> None:
   for name in GEMMA_ONLY:
-    if getattr(cfg, name):
+    if getattr(cfg, name) and name not in skip:
       raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)}); export as "
                     "Gemma2ForCausalLM or Gemma3ForCausalLM")
 
 
+# The choices only OLMo 2 and Phi-3 have a place for: name -> (present in cfg, where it exports).
+def _olmo_phi_choices(cfg: ModelConfig) -> dict[str, tuple[bool, str]]:
+  return {"pre_norms": (not cfg.pre_norms, "Olmo2ForCausalLM"),
+          "qk_norm_scope": (cfg.qk_norm and cfg.qk_norm_scope == "all", "Olmo2ForCausalLM"),
+          "rotary_dim": (cfg.rotary_dim not in (0, cfg.dim_per_head), "Phi3ForCausalLM"),
+          "rope_scaling": (cfg.rope_scaling == "longrope", "Phi3ForCausalLM")}
+
+
+def _check_olmo_phi(cfg: ModelConfig, architecture: str, allowed=()) -> None:
+  for name, (present, where) in _olmo_phi_choices(cfg).items():
+    if present and name not in allowed:
+      raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)!r}); export as {where}")
+
+
 def _check_llama_family(cfg: ModelConfig, architecture: str, model_type: str) -> None:
   """HFError when `architecture` has no place for one of cfg's choices."""
-  _check_gemma_only(cfg, architecture)
+  olmo2 = model_type == "olmo2"
+  _check_olmo_phi(cfg, architecture, {"olmo2": ("pre_norms", "qk_norm_scope"),
+                                      "phi3": ("rotary_dim", "rope_scaling")}.get(model_type, ()))
+  _check_gemma_only(cfg, architecture, skip=("post_norms",) if olmo2 else ())
   has = {"qkv_bias": cfg.qkv_bias, "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias,
          "qk_norm": cfg.qk_norm, "sliding_window": any(cfg.local_layers),
          "layer_pattern": _partial_window(cfg)}
   allowed = {"llama": {"attention_bias", "mlp_bias"}, "mistral": {"sliding_window"},
              "qwen2": {"qkv_bias", "sliding_window", "layer_pattern"},
-             "qwen3": {"qk_norm", "attention_bias", "sliding_window", "layer_pattern"}}[model_type]
+             "qwen3": {"qk_norm", "attention_bias", "sliding_window", "layer_pattern"},
+             "olmo2": {"qk_norm", "attention_bias"},
+             "phi3": {"sliding_window"}}[model_type]
   for name, present in has.items():
     if present and name not in allowed:
       where = {"qkv_bias": "Qwen2ForCausalLM", "qk_norm": "Qwen3ForCausalLM",
@@ -324,11 +433,18 @@ def _check_llama_family(cfg: ModelConfig, architecture: str, model_type: str) ->
       raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)}); export as {where}")
   if model_type == "qwen3" and not cfg.qk_norm:
     raise HFError("Qwen3ForCausalLM always normalizes queries and keys (qk_norm=True)")
+  if olmo2 and not (cfg.qk_norm and cfg.qk_norm_scope == "all" and cfg.post_norms
+                    and not cfg.pre_norms):
+    raise HFError("Olmo2ForCausalLM always has q/k norms over all heads (qk_norm=True, "
+                  "qk_norm_scope='all') and norms after, not before, each sublayer (post_norms=True, "
+                  f"pre_norms=False); got qk_norm={cfg.qk_norm}, qk_norm_scope={cfg.qk_norm_scope!r}, "
+                  f"post_norms={cfg.post_norms}, pre_norms={cfg.pre_norms}")
 
 
 def _check_gemma_family(cfg: ModelConfig, architecture: str, model_type: str) -> None:
   """HFError when `architecture` has no place for one of cfg's choices."""
   gemma3 = model_type == "gemma3_text"
+  _check_olmo_phi(cfg, architecture)
   refusals = [
       (cfg.mlp_bias, "mlp_bias", "LlamaForCausalLM"),
       (cfg.qkv_bias and not cfg.attention_bias, "qkv_bias", "Qwen2ForCausalLM"),
@@ -390,10 +506,13 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
 
   Args:
     architecture: None picks GPT2LMHeadModel for GPT-2 style configs; for Llama style ones
-      Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v biases or a window on some
-      layers only, MistralForCausalLM with a sliding window, otherwise LlamaForCausalLM; for
-      Gemma style ones (GeGLU, (1 + w) norms before and after each sublayer, scaled embeddings)
-      Gemma3ForCausalLM with q/k norms, otherwise Gemma2ForCausalLM. Naming one checks it fits.
+      Olmo2ForCausalLM without pre-norms or with q/k norms over all heads, Phi3ForCausalLM with a
+      partial rotary or LongRoPE, Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v
+      biases or a window on some layers only, MistralForCausalLM with a sliding window, otherwise
+      LlamaForCausalLM; for Gemma style ones (GeGLU, (1 + w) norms before and after each
+      sublayer, scaled embeddings) Gemma3ForCausalLM with q/k norms, otherwise
+      Gemma2ForCausalLM. Naming one checks it fits; Gemma3ForConditionalGeneration (an import of
+      its text model) exports as Gemma3ForCausalLM.
     tokenizer: optional alignax tokenizer whose bos/eos/pad ids go into the config.
   """
   style = (cfg.norm, cfg.position, cfg.mlp, cfg.use_bias)
@@ -405,7 +524,10 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
     if gpt2_like:
       architecture = "GPT2LMHeadModel"
     elif llama_like:
-      architecture = ("Qwen3ForCausalLM" if cfg.qk_norm
+      olmo2 = not cfg.pre_norms or (cfg.qk_norm and cfg.qk_norm_scope == "all")
+      architecture = ("Olmo2ForCausalLM" if olmo2
+                      else "Phi3ForCausalLM" if cfg.rotary_dim or cfg.rope_scaling == "longrope"
+                      else "Qwen3ForCausalLM" if cfg.qk_norm
                       else "Qwen2ForCausalLM" if cfg.qkv_bias or _partial_window(cfg)
                       else "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM")
     elif gemma_like:
@@ -418,16 +540,18 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
     raise HFError(f"cannot export {choices}: no Hugging Face architecture matches ({needs})")
   if architecture not in ARCHITECTURES:
     raise HFError(f"cannot export as {architecture!r}; supported: {_supported()}")
+  architecture = EXPORTED_AS.get(architecture, architecture)
   family, model_type = ARCHITECTURES[architecture]
-  fits = {"gpt2": gpt2_like, "llama": llama_like, "gemma": gemma_like}[family]
+  fits = {"gpt2": gpt2_like, "llama": llama_like, "phi3": llama_like, "gemma": gemma_like}[family]
   if not fits:
     raise HFError(f"cannot export {choices} as {architecture} ({needs})")
   if family == "gpt2":
     _check_gemma_only(cfg, architecture)
+    _check_olmo_phi(cfg, architecture)
     if any(cfg.local_layers):
       raise HFError(f"{architecture} has no sliding_window ({cfg.sliding_window}); export as "
                     "MistralForCausalLM")
-  elif family == "llama":
+  elif family in ("llama", "phi3"):
     _check_llama_family(cfg, architecture, model_type)
   else:
     _check_gemma_family(cfg, architecture, model_type)
@@ -465,12 +589,23 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
       hf.update(rope_scaling=hf["rope_parameters"])
     if model_type == "llama":
       hf.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "olmo2"):
       hf.update(attention_bias=cfg.attention_bias)
     local = cfg.local_layers
     window = cfg.sliding_window if any(local) else None
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
       hf.update(sliding_window=window)
+    if model_type == "phi3":
+      # Top-level: Phi3Config reads original_max_position_embeddings there (over rope_parameters'),
+      # and transformers 4 partial_rotary_factor; no dropout (alignax trains without).
+      hf.update(original_max_position_embeddings=cfg.rope_original_max_len or cfg.max_seq_len,
+                resid_pdrop=0.0, embd_pdrop=0.0)
+      if cfg.rotary_dim:
+        factor = cfg.rotary_dim / cfg.dim_per_head
+        if int(cfg.dim_per_head * factor) != cfg.rotary_dim:
+          raise HFError(f"Phi3ForCausalLM: rotary_dim={cfg.rotary_dim} has no partial_rotary_factor "
+                        f"that transformers reads back exactly (head_dim={cfg.dim_per_head})")
+        hf.update(partial_rotary_factor=factor)
     if model_type in ("qwen2", "qwen3"):
       # max_window_layers for transformers 4 (layers from it on slide): exact when the window is
       # on the top layers, as Qwen2 puts it; layer_types (transformers 5) says it for any pattern.

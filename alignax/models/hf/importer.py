@@ -9,10 +9,13 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from absl import logging
+
 from alignax.models.config import DTYPES
 from alignax.models.hf.config_map import (
   ARCHITECTURES,
   IGNORED_SUFFIXES,
+  SKIPPED_PREFIXES,
   HFError,
   _read_json,
   config_from_hf,
@@ -27,11 +30,27 @@ from alignax.models.lm import count_params
 MAX_NEW_VOCAB_ROWS = 4096
 
 
-def _stored_name(reader: SafetensorsReader, family: str) -> Callable[[str], str]:
-  """Expected name -> stored name: the original GPT-2 checkpoints omit the "transformer." prefix."""
+# Gemma3ForConditionalGeneration's text-model prefixes: (the "model." names, lm_head.weight) as
+# transformers saves them (the original layout) and as its modules name them.
+TEXT_PREFIXES = (("language_model.model.", "language_model.lm_head.weight"),
+                 ("model.language_model.", "lm_head.weight"))
+
+
+def _stored_name(reader: SafetensorsReader, family: str, arch: str, src_dir: str) -> Callable[[str], str]:
+  """Expected name -> stored name: the original GPT-2 checkpoints omit the "transformer." prefix;
+  a Gemma3ForConditionalGeneration keeps its text model under one of TEXT_PREFIXES."""
   prefix = "transformer."
   if family == "gpt2" and prefix + "wte.weight" not in reader and "wte.weight" in reader:
     return lambda name: name[len(prefix):] if name.startswith(prefix) else name
+  if arch == "Gemma3ForConditionalGeneration":
+    found = [(p, head) for p, head in TEXT_PREFIXES if p + "embed_tokens.weight" in reader]
+    if len(found) != 1:
+      what = "both" if found else "neither"
+      raise HFError(f"{src_dir}: {arch} text weights are ambiguous: {what} of "
+                    f"{' / '.join(p + 'embed_tokens.weight' for p, _ in TEXT_PREFIXES)} found")
+    (text, head), = found
+    return lambda name: (head if name == "lm_head.weight"
+                         else text + name[len("model."):] if name.startswith("model.") else name)
   return lambda name: name
 
 
@@ -39,9 +58,10 @@ def _layer_names(rule: Rule, n_layers: int) -> list[str]:
   return [rule.hf.format(i=i) for i in range(n_layers)] if "{i}" in rule.hf else [rule.hf]
 
 
-def _check_tensors(reader, rules, stored, cfg, arch, src_dir) -> tuple[list[str], list[str]]:
-  """(stored names used, stored names skipped); HFError for a missing, misshapen or unexpected
-  tensor. Runs on headers only, before any tensor is read (large checkpoints read slowly)."""
+def _check_tensors(reader, rules, stored, cfg, arch, src_dir) -> tuple[list[str], list[str], list[str]]:
+  """(stored names used, stored names ignored, stored names skipped: a multimodal checkpoint's
+  non-text tensors); HFError for a missing, misshapen or unexpected tensor. Runs on headers only,
+  before any tensor is read (large checkpoints read slowly)."""
   wanted = []
   for rule in rules:
     for name in _layer_names(rule, cfg.n_layers):
@@ -54,14 +74,18 @@ def _check_tensors(reader, rules, stored, cfg, arch, src_dir) -> tuple[list[str]
                       f"{rule.hf_shape}")
       wanted.append(stored(name))
   leftover = sorted(set(reader.names()) - set(wanted))
+  skipped = []
+  if arch == "Gemma3ForConditionalGeneration":
+    skipped = [n for n in leftover if n.startswith(SKIPPED_PREFIXES)]
+    leftover = [n for n in leftover if n not in set(skipped)]
   # A tied checkpoint may still store lm_head.weight; HF ignores it (ties to the embedding) too.
   ignored = [n for n in leftover
-             if n.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and n == "lm_head.weight")]
+             if n.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and n == stored("lm_head.weight"))]
   unexpected = [n for n in leftover if n not in ignored]
   if unexpected:
     raise HFError(f"{src_dir}: tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} have "
                   f"no place in alignax's {arch} mapping (a variant alignax does not implement)")
-  return wanted, ignored
+  return wanted, ignored, skipped
 
 
 def _read_tensors(reader, rules, stored, n_layers: int, target, adjust=None) -> dict[str, np.ndarray]:
@@ -105,8 +129,9 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
   Returns:
     (cfg, params, info): the ModelConfig; an `nnx.State` shaped like `abstract_lm(cfg)`; a dict
     with architecture, model_type, num_params, dtype, source_dtypes, files, hf_vocab_size,
-    ignored_tensors, hf_config and adapter (None, or {path, base_model_name_or_path, rank,
-    alpha, targets}).
+    ignored_tensors, skipped_tensors and skipped_params (a multimodal checkpoint's vision tower
+    and projector, not imported), hf_config and adapter (None, or {path,
+    base_model_name_or_path, rank, alpha, targets}).
   """
   src_dir = os.path.abspath(src_dir)
   hf = _read_json(os.path.join(src_dir, "config.json"))
@@ -130,8 +155,12 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
     if implied > held:
       raise HFError(f"{where}: the config implies {implied:,} parameters, but the weight files hold "
                     f"only {held:,} bytes of tensors")
-    stored = _stored_name(reader, family)
-    wanted, ignored = _check_tensors(reader, rules, stored, cfg, arch, src_dir)
+    stored = _stored_name(reader, family, arch, src_dir)
+    wanted, ignored, skipped = _check_tensors(reader, rules, stored, cfg, arch, src_dir)
+    skipped_params = sum(int(np.prod(reader.shape(n))) for n in skipped)
+    if skipped:
+      logging.info("%s: skipped %d tensors (%s params) outside the text model (vision tower, "
+                   "multimodal projector)", src_dir, len(skipped), f"{skipped_params:,}")
     source_dtypes = sorted({reader.dtype(n) for n in wanted})
     flat = _read_tensors(reader, rules, stored, cfg.n_layers, jnp.dtype(dtype), adjust)
 
@@ -148,7 +177,8 @@ def import_hf(src_dir: str, dtype: str = "float32", *, pad_vocab_to: int | None 
   params = params_from_flat(cfg, flat)
   info = dict(architecture=arch, model_type=model_type, num_params=count_params(params), dtype=dtype,
               source_dtypes=source_dtypes, files=files, hf_vocab_size=hf_vocab,
-              vocab_size=cfg.vocab_size, ignored_tensors=ignored, hf_config=hf, adapter=adapter_info)
+              vocab_size=cfg.vocab_size, ignored_tensors=ignored, skipped_tensors=skipped,
+              skipped_params=skipped_params, hf_config=hf, adapter=adapter_info)
   return cfg, params, info
 
 

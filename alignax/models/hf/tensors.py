@@ -31,6 +31,20 @@ stores [out, in], alignax [in, out], hence the transposes; GPT-2's `Conv1D` is a
   model.layers.i.pre_feedforward_layernorm.weight blocks.mlp_norm.scale       -
   model.layers.i.post_feedforward_layernorm.weight blocks.mlp_out_norm.scale  -
 
+  OLMo 2: as Llama, with q/k/v/o biases under attention_bias, no input_layernorm, and:
+  model.layers.i.post_attention_layernorm.weight  blocks.attn_out_norm.scale  - (attention output)
+  model.layers.i.post_feedforward_layernorm.weight blocks.mlp_out_norm.scale  - (MLP output)
+  model.layers.i.self_attn.q_norm.weight [H*Dh]   blocks.attn.q_norm [H, Dh]  reshape
+  model.layers.i.self_attn.k_norm.weight [K*Dh]   blocks.attn.k_norm [K, Dh]  reshape
+
+  Phi-3: as Llama, with two fused projections (rows: [q | k | v] and [gate | up]):
+  model.layers.i.self_attn.qkv_proj.weight [(H+2K)*Dh, d]  blocks.attn.w{q,k,v}  split rows, .T, reshape
+  model.layers.i.mlp.gate_up_proj.weight [2F, d]  blocks.mlp.{w_gate, w_in}  split rows in half, .T
+
+  Gemma3ForConditionalGeneration: the Gemma 3 names under "language_model." (transformers'
+  save: language_model.model.layers..., language_model.lm_head.weight) or with "model." become
+  "model.language_model." (model.language_model.layers..., lm_head.weight); see importer.
+
   GPT-2 ("transformer." prefix optional)          alignax                transform
   transformer.wte.weight [V, d]                   embed                  -
   transformer.wpe.weight [P, d]                   pos_embed [P, d]       - (first max_seq_len rows)
@@ -114,8 +128,21 @@ def _split3(paths: tuple[str, str, str], hf: str, hf_shape, shape) -> Rule:
   return Rule(hf, paths, tuple(hf_shape), to_alignax, to_hf)
 
 
+def _split_rows(paths: tuple[str, ...], hf: str, n_in: int, outs: tuple[tuple[int, ...], ...]) -> Rule:
+  """A fused torch nn.Linear weight [sum(out), in] (rows: one block per param) <-> alignax params
+  [in, *out] each (Phi-3's qkv_proj and gate_up_proj)."""
+  sizes = [int(np.prod(o)) for o in outs]
+  cuts = np.cumsum(sizes)[:-1]
+  def to_alignax(x):
+    return tuple(p.T.reshape(n_in, *o) for p, o in zip(np.split(x, cuts, axis=0), outs))
+  def to_hf(*ws):
+    return np.concatenate([w.reshape(n_in, n).T for w, n in zip(ws, sizes)], axis=0)
+  return Rule(hf, paths, (sum(sizes), n_in), to_alignax, to_hf)
+
+
 def rules_for(cfg: ModelConfig, family: str, hf_positions: int | None = None) -> list[Rule]:
-  """The tensor rules of an HF checkpoint of `family` ("gpt2", "llama" or "gemma") for `cfg`.
+  """The tensor rules of an HF checkpoint of `family` ("gpt2", "llama", "phi3" or "gemma") for
+  `cfg`.
 
   Args:
     hf_positions: GPT-2's n_positions when it differs from cfg.max_seq_len (import keeps the
@@ -149,20 +176,33 @@ def rules_for(cfg: ModelConfig, family: str, hf_positions: int | None = None) ->
     ]
   else:
     m, a = "model.layers.{i}.", "blocks/attn/"
-    if cfg.post_norms:
+    if cfg.post_norms and not cfg.pre_norms:  # OLMo 2
+      norms = (("attn_out_norm", "post_attention_layernorm"),
+               ("mlp_out_norm", "post_feedforward_layernorm"))
+    elif cfg.post_norms:
       norms = (("attn_norm", "input_layernorm"), ("attn_out_norm", "post_attention_layernorm"),
                ("mlp_norm", "pre_feedforward_layernorm"), ("mlp_out_norm", "post_feedforward_layernorm"))
     else:
       norms = (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"))
     rules.append(_same("embed", "model.embed_tokens.weight", (v, d)))
     rules += [_same(f"blocks/{norm}/scale", f"{m}{hf_norm}.weight", (d,)) for norm, hf_norm in norms]
+    if family == "phi3":
+      rules += [
+          _split_rows((a + "wq", a + "wk", a + "wv"), m + "self_attn.qkv_proj.weight", d,
+                      ((h, dh), (k, dh), (k, dh))),
+          _split_rows(("blocks/mlp/w_gate", "blocks/mlp/w_in"), m + "mlp.gate_up_proj.weight", d,
+                      ((f,), (f,))),
+      ]
+    else:
+      rules += [
+          _linear(a + "wq", m + "self_attn.q_proj.weight", d, (h, dh)),
+          _linear(a + "wk", m + "self_attn.k_proj.weight", d, (k, dh)),
+          _linear(a + "wv", m + "self_attn.v_proj.weight", d, (k, dh)),
+          _linear("blocks/mlp/w_gate", m + "mlp.gate_proj.weight", d, (f,)),
+          _linear("blocks/mlp/w_in", m + "mlp.up_proj.weight", d, (f,)),
+      ]
     rules += [
-        _linear(a + "wq", m + "self_attn.q_proj.weight", d, (h, dh)),
-        _linear(a + "wk", m + "self_attn.k_proj.weight", d, (k, dh)),
-        _linear(a + "wv", m + "self_attn.v_proj.weight", d, (k, dh)),
         _linear_out(a + "wo", m + "self_attn.o_proj.weight", (h, dh), d),
-        _linear("blocks/mlp/w_gate", m + "mlp.gate_proj.weight", d, (f,)),
-        _linear("blocks/mlp/w_in", m + "mlp.up_proj.weight", d, (f,)),
         _linear("blocks/mlp/w_out", m + "mlp.down_proj.weight", f, (d,)),
         _same("final_norm/scale", "model.norm.weight", (d,)),
     ]
@@ -172,7 +212,10 @@ def rules_for(cfg: ModelConfig, family: str, hf_positions: int | None = None) ->
                 _reshaped(a + "bv", m + "self_attn.v_proj.bias", (k * dh,), (k, dh))]
     if cfg.out_biased:
       rules.append(_same(a + "bo", m + "self_attn.o_proj.bias", (d,)))
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_scope == "all":
+      rules += [_reshaped(a + "q_norm", m + "self_attn.q_norm.weight", (h * dh,), (h, dh)),
+                _reshaped(a + "k_norm", m + "self_attn.k_norm.weight", (k * dh,), (k, dh))]
+    elif cfg.qk_norm:
       rules += [_same(a + "q_norm", m + "self_attn.q_norm.weight", (dh,)),
                 _same(a + "k_norm", m + "self_attn.k_norm.weight", (dh,))]
     if cfg.mlp_biased:
