@@ -158,6 +158,8 @@ def resolve(cfg: ConfigDict) -> RunConfig:
   data = DataConfig.from_mapping(cfg.data)
   require(data.seq_len <= model.max_seq_len, "data.seq_len",
           f"{data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+  require(data.pair_len <= model.max_seq_len, "data.pair_len",
+          f"{data.pair_len} exceeds model.max_seq_len={model.max_seq_len}")
   return RunConfig(
       stage=str(cfg.stage), preset=str(cfg.get("preset", "")), workdir=str(cfg.workdir),
       seed=int(cfg.seed), tokenizer=str(cfg.get("tokenizer", "bytes")), model=model,

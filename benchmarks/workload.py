@@ -69,6 +69,10 @@ Differences from the peers' setups that remain:
     training, so its steps only collate.
   * The step ends are synchronised, as TRL's are. Tunix's offline trainers are timed start to
     start, with up to 2 steps in flight.
+  * RM and DPO: each pair is one row of 192 slots, the prompt once and both responses after it
+    (`data.pair_len=192`, `alignax.algorithms.shared_prompt`; the same losses as two rows), so
+    the model runs 8 x 192 = 1536 slots, not 16 x 128 = 2048; tokens/s still counts the
+    workload's 2048 input tokens. `--pair_layout=two_rows` times the two-row layout.
   * RM: alignax's scalar model keeps the unused untied LM head in its params and optimizer
     (peerbench counts 4,327,936 params for the score-head model).
   * GRPO/RLOO: each prompt runs once per group (TRL runs all 32 rows in full). With one update
@@ -96,6 +100,7 @@ from absl import app, flags
 
 TASKS = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
 RL_TASKS = ("ppo", "grpo", "rloo")
+PAIR_TASKS = ("reward", "dpo")
 
 # peerbench's common.py
 VOCAB = 512
@@ -103,6 +108,8 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 FIRST_WORD_ID = 4
 PROMPT_LEN = COMPLETION_LEN = 64
 SEQ_LEN = PROMPT_LEN + COMPLETION_LEN
+PAIR_LEN = PROMPT_LEN + 2 * COMPLETION_LEN  # a pair in one row, the prompt once (data.pair_len)
+PAIR_LAYOUTS = ("shared_prompt", "two_rows")
 BATCH = 8
 GROUP = 4
 KL_COEF = 0.04
@@ -139,6 +146,9 @@ _OUT = flags.DEFINE_string("out", "", "JSON path (default benchmarks/results/wor
 _ISOLATE = flags.DEFINE_bool("isolate", True, "Run each task in its own process (clean peak RSS).")
 _CHILD_JSON = flags.DEFINE_string("child_json", "", "Internal: write this process's results here.")
 _PEAK = flags.DEFINE_float("peak_flops", 0.0, "Matmul peak FLOP/s for MFU (0: measure it).")
+_PAIRS = flags.DEFINE_enum("pair_layout", "shared_prompt", PAIR_LAYOUTS,
+                           "RM/DPO pairs: one row with the prompt once (data.pair_len=192) or "
+                           "two rows of 128 (data.pair_len=0).")
 
 
 def default_steps(task: str) -> int:
@@ -250,7 +260,7 @@ def _write_exports(root: str, task: str, tokenizer: str) -> None:
                          extra={"norm_gain": 1.0, "norm_bias": 0.0})
 
 
-def task_config(task: str, root: str, total_steps: int):
+def task_config(task: str, root: str, total_steps: int, pair_layout: str = "shared_prompt"):
   """The stage's `configs/<stage>.py:standard` with the workload's overrides."""
   from alignax.config import load_config_file
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,14 +301,16 @@ def task_config(task: str, root: str, total_steps: int):
         s.group_size, s.num_iterations, s.num_minibatches = GROUP, 1, 1
     if task == "dpo":
       cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.precompute_ref = "sigmoid", 0.1, False
+    if task in PAIR_TASKS:
+      cfg.data.pair_len = PAIR_LEN if pair_layout == "shared_prompt" else 0
   return cfg
 
 
-def prepare_task(task: str, root: str, total_steps: int):
+def prepare_task(task: str, root: str, total_steps: int, pair_layout: str = "shared_prompt"):
   """Writes the task's tokenizer, records and init exports under `root`; returns its config."""
   write_tokenizer(os.path.join(root, "tokenizer"), rl=task in RL_TASKS)
   write_records(task, os.path.join(root, "train.jsonl"), BATCH * total_steps)
-  cfg = task_config(task, root, total_steps)
+  cfg = task_config(task, root, total_steps, pair_layout)
   _write_exports(root, task, cfg.tokenizer)
   return cfg
 
@@ -420,14 +432,16 @@ def bare_step_seconds(ctx, run, state, batch, after, warmup: int, steps: int) ->
 # --------------------------------------------------------------------------------------- FLOPs
 
 
-def step_flops(task: str, model=None) -> float:
+def step_flops(task: str, model=None, pair_layout: str = "shared_prompt") -> float:
   """Model FLOPs of one step, as alignax executes it: PaLM's per-token training count
   (`flops.train_flops_per_token` at T = 128; a forward is a third of it) summed over every pass
   the step makes. SFT trains 8 x 128 tokens; RM trains 16 x 128 (a scalar head instead of the LM
   head); DPO trains 16 x 128 and runs the reference over them. GRPO/RLOO: each prompt runs once
   per group (the sampler's prefill, the grouped reference and update forwards), so a pass is
   8 x 64 prompt + 32 x 64 response tokens: rollout, reference and training passes. PPO, over
-  8 x 128 tokens: rollout, old-policy, reference and value forwards, policy and value training."""
+  8 x 128 tokens: rollout, old-policy, reference and value forwards, policy and value training.
+  With `pair_layout="shared_prompt"` RM and DPO run 8 rows of 192 slots (`data.pair_len`) at
+  T = 192 instead of 16 x 128."""
   from alignax import flops
   from alignax.models import llama_style
   model = model or llama_style()
@@ -435,9 +449,13 @@ def step_flops(task: str, model=None) -> float:
   rm = lm - 6.0 * model.d_model * model.vocab_size + 6.0 * model.d_model
   fwd = lambda train: train / 3.0
   rows, grouped = BATCH * SEQ_LEN, BATCH * PROMPT_LEN + BATCH * GROUP * COMPLETION_LEN
+  pairs, pair_lm, pair_rm = 2 * rows, lm, rm
+  if pair_layout == "shared_prompt":
+    pair_lm = flops.train_flops_per_token(model, PAIR_LEN)
+    pairs, pair_rm = BATCH * PAIR_LEN, pair_lm - lm + rm
   passes = {"sft": [(rows, lm)],
-            "reward": [(2 * rows, rm)],
-            "dpo": [(2 * rows, lm + fwd(lm))],
+            "reward": [(pairs, pair_rm)],
+            "dpo": [(pairs, pair_lm + fwd(pair_lm))],
             "grpo": [(grouped, lm + 2 * fwd(lm))],
             "rloo": [(grouped, lm + 2 * fwd(lm))],
             "ppo": [(rows, lm + 3 * fwd(lm) + rm + fwd(rm))]}[task]
@@ -452,7 +470,8 @@ def peak_rss_mb() -> float:
 
 
 def bench_task(task: str, steps: int | None = None, warmup: int = 3, *, peak_flops: float | None = None,
-               bare: bool = True, workdir: str | None = None) -> dict:
+               bare: bool = True, workdir: str | None = None,
+               pair_layout: str = "shared_prompt") -> dict:
   """Times `task` through the real training loop, then its bare jitted step.
 
   Args:
@@ -462,6 +481,8 @@ def bench_task(task: str, steps: int | None = None, warmup: int = 3, *, peak_flo
     peak_flops: matmul peak FLOP/s for MFU (None: measured here).
     bare: also time the bare jitted step.
     workdir: where the records, exports and run go (default: a temporary directory, removed).
+    pair_layout: RM and DPO pairs as one row of 192 with the prompt once ("shared_prompt",
+      `data.pair_len`) or as two rows of 128 ("two_rows").
 
   Returns:
     {"task", "seconds" (real loop, per measured step), "median_seconds", "bare_seconds",
@@ -478,9 +499,12 @@ def bench_task(task: str, steps: int | None = None, warmup: int = 3, *, peak_flo
   import numpy as np
   if workdir is None:
     with tempfile.TemporaryDirectory(prefix=f"alignax_workload_{task}_") as tmp:
-      return bench_task(task, steps, warmup, peak_flops=peak_flops, bare=bare, workdir=tmp)
+      return bench_task(task, steps, warmup, peak_flops=peak_flops, bare=bare, workdir=tmp,
+                        pair_layout=pair_layout)
   total = warmup + steps
-  cfg = prepare_task(task, workdir, total)
+  if pair_layout not in PAIR_LAYOUTS:
+    raise ValueError(f"pair_layout must be one of {PAIR_LAYOUTS}, got {pair_layout!r}")
+  cfg = prepare_task(task, workdir, total, pair_layout)
   ctx, run = build_stage(cfg)
   stage_after = run.after_step
   state, seconds, batches = run_real_loop(ctx, run)
@@ -492,7 +516,7 @@ def bench_task(task: str, steps: int | None = None, warmup: int = 3, *, peak_flo
     from alignax import flops
     peak_flops = flops.measure_matmul_peak()
   tok, tok_def = TOKENS_PER_STEP[task]
-  work = step_flops(task, ctx.model)
+  work = step_flops(task, ctx.model, pair_layout)
   med = float(np.median(measured))
   bare_med = float(np.median(bare_s)) if bare_s else None
   return {
@@ -509,6 +533,7 @@ def bench_task(task: str, steps: int | None = None, warmup: int = 3, *, peak_flo
       "device_kind": jax.devices()[0].device_kind,
       "note": "; ".join(n for n in (NOTES.get(task, ""), COMMON_NOTE) if n),
       "settings": {"stage": cfg.stage, "log_every": int(ctx.config.train.log_every),
+                   "pair_len": int(ctx.config.data.pair_len),
                    "tokenizer_vocab": int(ctx.tokenizer.vocab_size), "eos_id": int(ctx.tokenizer.eos_id),
                    "optimizer": {k: getattr(ctx.config.optimizer, k) for k in
                                  ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "schedule")}},
@@ -523,7 +548,8 @@ def _child(task: str, steps: int, warmup: int, peak: float) -> dict:
     path = f.name
   try:
     cmd = [sys.executable, os.path.abspath(__file__), f"--tasks={task}", f"--steps={steps}",
-           f"--warmup={warmup}", "--noisolate", f"--child_json={path}", f"--peak_flops={peak}"]
+           f"--warmup={warmup}", "--noisolate", f"--child_json={path}", f"--peak_flops={peak}",
+           f"--pair_layout={_PAIRS.value}"]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode != 0:
       tail = "\n".join(p.stderr.strip().splitlines()[-20:])
@@ -578,7 +604,8 @@ def main(_):
       peak = flops.measure_matmul_peak()  # once, before (never beside) the tasks' processes
     results = [_child(t, steps_of(t), _WARMUP.value, peak) for t in tasks]
   else:
-    results = [bench_task(t, steps_of(t), _WARMUP.value, peak_flops=peak) for t in tasks]
+    results = [bench_task(t, steps_of(t), _WARMUP.value, peak_flops=peak,
+                          pair_layout=_PAIRS.value) for t in tasks]
   if _CHILD_JSON.value:
     with open(_CHILD_JSON.value, "w", encoding="utf-8") as f:
       json.dump(results, f)

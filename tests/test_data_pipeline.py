@@ -218,8 +218,10 @@ def test_preference_shares_prompt_and_masks_response_only():
   rec = {"prompt": "hi", "chosen": "good!", "rejected": "no"}
   it = pipeline.preference_pipeline([rec], TOK, batch_size=1, seq_len=16)
   (b,) = list(it)
-  assert set(b) == {"chosen", "rejected", "valid", "margin", "chosen_prob", "gold_label", "index"}
+  assert set(b) == {"chosen", "rejected", "valid", "margin", "chosen_prob", "gold_label", "index",
+                    "prompt_len"}
   prompt = [BOS, USER, *_b("hi"), ASSISTANT]
+  np.testing.assert_array_equal(b["prompt_len"], [len(prompt)])
   for side, text in (("chosen", "good!"), ("rejected", "no")):
     x = b[side]
     ids = prompt + _b(text) + [EOS]

@@ -63,6 +63,8 @@ def test_preference_and_prompt_records_encode_to_the_workload_lengths(W, tmp_pat
   for side in ("chosen", "rejected"):
     assert int(ex[side]["response_len"]) == 64 and int(ex[side]["segment_ids"].sum()) == 128
   assert not (ex["chosen"]["tokens"] == ex["rejected"]["tokens"]).all()
+  assert int(ex["prompt_len"]) == 64  # packed: 64 + 64 + 64 = W.PAIR_LEN, nothing skipped
+  assert "_skip" not in encoders.preference_encoder(tok, 128, None, "model", W.PAIR_LEN)(pairs[0])
   rl_tok = make_tokenizer(W.write_tokenizer(str(tmp_path / "rl_tok"), rl=True))
   assert rl_tok.eos_id >= 512  # outside the model's outputs: every response runs 64 tokens
   W.write_records("grpo", str(tmp_path / "prompts.jsonl"), 2)
@@ -91,3 +93,11 @@ def test_grpo_real_loop_generates_64_tokens_scored_by_the_function(W, tmp_path):
     row = [json.loads(line) for line in f][-1]
   assert row["train/response_length"] == 64 and row["train/eos_rate"] == 0
   assert row["train/reward_ok"] == 1 and 0 < row["train/score_functions"] < 1
+
+
+def test_dpo_runs_its_pairs_packed_through_the_real_loop(W):
+  r = W.bench_task("dpo", steps=1, warmup=1, peak_flops=1e11, bare=False)
+  assert r["settings"]["pair_len"] == W.PAIR_LEN == 192
+  assert len(r["seconds"]) == 1 and r["seconds"][0] > 0
+  # FLOPs of 8 rows of 192 slots (policy train + reference forward), less than 16 rows of 128.
+  assert r["flops_per_step"] < W.step_flops("dpo", pair_layout="two_rows")

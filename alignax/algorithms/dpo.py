@@ -31,6 +31,7 @@ from alignax import checkpoint as ckpt_lib
 from alignax import parallel
 from alignax.algorithms.base import Algorithm
 from alignax.algorithms.common import batch_options, load_lm_export, stage_datasets, with_lora
+from alignax.algorithms.shared_prompt import packed_pair_logps
 from alignax.algorithms.reference_cache import (
   load_cached_reference,
   reference_cache_key,
@@ -62,27 +63,31 @@ def concat_pairs(batch) -> dict:
   return {k: jnp.concatenate([c[k], r[k]], axis=0) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
 
 
-def pair_logps(lm, params, batch):
-  """(chosen [B], rejected [B]) logprob sums from one concatenated forward."""
+def pair_logps(lm, params, batch, pair_len: int = 0):
+  """(chosen [B], rejected [B]) logprob sums from one concatenated [2B, T] forward, or with
+  `pair_len` > 0 (`data.pair_len`) from one [B, pair_len] forward of the packed pairs
+  (`alignax.algorithms.shared_prompt`)."""
+  if pair_len:
+    return packed_pair_logps(lm, params, batch, pair_len)
   logps = sequence_logps(lm, params, concat_pairs(batch))
   b = batch["chosen"]["tokens"].shape[0]
   return logps[:b], logps[b:]
 
 
-def reference_pair_logps(lm, batch, extra, params):
+def reference_pair_logps(lm, batch, extra, params, pair_len: int = 0):
   """Reference sums: precomputed ones riding in the batch, else a forward of `extra["ref"]`
   (of the base model with the adapters off, for a LoRA run)."""
   if "ref_chosen" in batch:
     return batch["ref_chosen"], batch["ref_rejected"]
-  rc, rr = pair_logps(lm, lora.reference(extra["ref"], params), batch)
+  rc, rr = pair_logps(lm, lora.reference(extra["ref"], params), batch, pair_len)
   return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
 
 
-def make_dpo_loss(lm, loss_type: str, soft_labels: bool = False):
+def make_dpo_loss(lm, loss_type: str, soft_labels: bool = False, pair_len: int = 0):
   """The preference loss `loss_type` of a pair batch; beta, label_smoothing and gamma come from
   `hparams` (arrays, so one compiled step serves every value). `soft_labels` (sigmoid only)
   fits the batch's "chosen_prob" soft labels, combined with label_smoothing as in
-  `soft_label_eps`."""
+  `soft_label_eps`. `pair_len` > 0 runs policy and reference on the packed pairs."""
 
   def loss_fn(params, batch, rng, extra, hparams):
     """The `loss_type` loss of a pair batch {"chosen", "rejected": LM rows [B, T] with
@@ -90,10 +95,10 @@ def make_dpo_loss(lm, loss_type: str, soft_labels: bool = False):
     "ref_chosen"/"ref_rejected" [B] nats when the reference is precomputed, else the reference params in `extra["ref"]`}: (sum, count, metrics) of the batch: `sum` of the per-pair loss in nats, `count` of pairs
     (the step divides the summed sums by the summed counts, so micro-batches and devices weigh
     every pair alike), `metrics` {name: scalar}."""
-    pc, pr = pair_logps(lm, params, batch)
+    pc, pr = pair_logps(lm, params, batch, pair_len)
     rc = rr = None
     if loss_type not in REFERENCE_FREE:
-      rc, rr = reference_pair_logps(lm, batch, extra, params)
+      rc, rr = reference_pair_logps(lm, batch, extra, params, pair_len)
     return dpo_loss(loss_type, pc, pr, rc, rr, beta=hparams["beta"],
                     label_smoothing=hparams["label_smoothing"], gamma=hparams["gamma"],
                     len_chosen=batch["chosen"]["response_len"].astype(jnp.float32),
@@ -186,7 +191,7 @@ class WithReference(pipeline.MapBatches):
 
 
 def precompute_reference(ctx: StageContext, lm, ref_params, source, batching, seq_len: int,
-                         path: str, key: dict[str, str]):
+                         path: str, key: dict[str, str], pair_len: int = 0):
   """Reference logprob sums (chosen [N], rejected [N], float32 nats; NaN for records the
   pipeline skipped) of every training pair, by record index.
 
@@ -196,15 +201,16 @@ def precompute_reference(ctx: StageContext, lm, ref_params, source, batching, se
   if cached is not None:
     return cached
   n = len(source)
-  fn = parallel.jit_eval(ctx.placement, lambda p, b: pair_logps(lm, p, b), ref_params)
+  fn = parallel.jit_eval(ctx.placement, lambda p, b: pair_logps(lm, p, b, pair_len), ref_params)
   chosen = np.full(n, np.nan, np.float32)
   rejected = np.full(n, np.nan, np.float32)
   # Every process computes all records, in order, once.
   once = dataclasses.replace(batching, shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
-  it = pipeline.preference_pipeline(source, ctx.tokenizer, once, seq_len=seq_len)
+  it = pipeline.preference_pipeline(source, ctx.tokenizer, once, seq_len=seq_len,
+                                    pair_len=pair_len)
   for batch in it:
     c, r = jax.device_get(fn(ref_params, ctx.placement.put_batch(
-        {k: batch[k] for k in ("chosen", "rejected")})))
+        {k: batch[k] for k in ("chosen", "rejected", "prompt_len")})))
     idx = np.asarray(batch["index"])
     ok = idx >= 0
     chosen[idx[ok]], rejected[idx[ok]] = np.asarray(c)[ok], np.asarray(r)[ok]
@@ -233,6 +239,9 @@ def validate(cfg: ConfigDict) -> None:
     raise ConfigError(f"config.dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
   if d.precompute_ref and d.loss_type in REFERENCE_FREE + ("kto",):
     raise ConfigError(f"config.dpo.precompute_ref: not used by loss_type={d.loss_type!r}; set it False")
+  if d.loss_type == "kto" and cfg.data.get("pair_len", 0):
+    raise ConfigError("config.data.pair_len: packs preference pairs; loss_type='kto' reads "
+                      "unpaired completions, set it 0")
   if d.get("soft_labels", False) and d.loss_type not in SOFT_LABEL_LOSS_TYPES:
     raise ConfigError(f"config.dpo.soft_labels: defined for loss_type in {SOFT_LABEL_LOSS_TYPES}, "
                       f"not {d.loss_type!r}; set it False")
@@ -278,15 +287,17 @@ def build_run(ctx: StageContext) -> Run:
     splits = {k: (pairs_to_unpaired(v) if v is not None else None) for k, v in splits.items()}
   data = stage_datasets(ctx, "unpaired" if kto else "preference", splits=splits)
   train_iter = data.train
+  pair_len = config.data.pair_len
   reference_args = dict(seq_len=config.data.seq_len, bad_records=config.data.bad_records,
-                        chat_template=config.data.chat_template)
+                        chat_template=config.data.chat_template, pair_len=pair_len)
 
   lm, sft_params = load_lm_export(cfg.init.workdir, ctx.model, ctx.placement)
   if dcfg.precompute_ref:
     ref_c, ref_r = precompute_reference(ctx, lm, sft_params, splits["train"],
                                         batch_options(config), config.data.seq_len,
                                         os.path.join(config.workdir, "reference_logps.npz"),
-                                        reference_cache_key(ctx, splits["train"], reference_args))
+                                        reference_cache_key(ctx, splits["train"], reference_args),
+                                        pair_len)
     train_iter = WithReference(train_iter, ref_c, ref_r)
   optimizer = make_optimizer(config.optimizer, config.train.steps)
   # The reference rides in `extra` (needed for on-the-fly reference logprobs, KTO and eval KL);
@@ -296,7 +307,7 @@ def build_run(ctx: StageContext) -> Run:
                             extra={"ref": ref}, hparams=ALGORITHM.hparams_of(cfg))
   state = ctx.placement.put_state(state)
   loss_fn = (make_kto_loss(lm) if kto else
-             make_dpo_loss(lm, dcfg.loss_type, bool(dcfg.get("soft_labels", False))))
+             make_dpo_loss(lm, dcfg.loss_type, bool(dcfg.get("soft_labels", False)), pair_len))
   step = make_train_step(loss_fn, optimizer, accum_steps=config.train.accum_steps,
                          nonfinite_policy=config.train.nonfinite)
   world_eval = (WorldEvaluator(config, lm, ctx.tokenizer, ctx.writer)

@@ -35,6 +35,7 @@ from alignax import parallel
 from alignax.tasks import evaluation
 from alignax.algorithms.base import Algorithm
 from alignax.algorithms.common import attach_lora, load_lm_export, stage_datasets
+from alignax.algorithms.shared_prompt import packed_pair_rewards
 from alignax.algorithms.world_eval import eval_prompt_records
 from alignax.config import ConfigDict, ConfigError
 from alignax.data import sources
@@ -50,8 +51,12 @@ from alignax.train.state import TrainState
 from alignax.train.step import make_train_step
 
 
-def pair_rewards(model, params, batch):
-  """Rewards (r_chosen [B], r_rejected [B]) of a preference batch, in one [2B, T] forward."""
+def pair_rewards(model, params, batch, pair_len: int = 0):
+  """Rewards (r_chosen [B], r_rejected [B]) of a preference batch, in one [2B, T] forward, or
+  with `pair_len` > 0 (`data.pair_len`) one [B, pair_len] forward of the packed pairs
+  (`alignax.algorithms.shared_prompt`)."""
+  if pair_len:
+    return packed_pair_rewards(model, params, batch, pair_len)
   c, r = batch["chosen"], batch["rejected"]
   cat = lambda k: jnp.concatenate([c[k], r[k]], axis=0)
   segments = cat("segment_ids")
@@ -61,16 +66,17 @@ def pair_rewards(model, params, batch):
   return rewards[:b], rewards[b:]
 
 
-def reward_loss(model, use_margin: bool, soft_labels: bool = False):
+def reward_loss(model, use_margin: bool, soft_labels: bool = False, pair_len: int = 0):
   """Bradley-Terry loss of a preference batch; `hparams["center_coef"]` weighs the centering term.
   `use_margin` subtracts the batch's "margin"; `soft_labels` fits the batch's "chosen_prob" (the
-  cross-entropy against P(chosen better)) instead of the hard label."""
+  cross-entropy against P(chosen better)) instead of the hard label; `pair_len` > 0 scores the
+  packed pairs (`pair_rewards`)."""
   def loss_fn(params, batch, rng, extra, hparams):
     """Bradley-Terry loss of a pair batch {"chosen", "rejected": LM rows [B, T], "valid",
     "margin", "chosen_prob": [B]}: (sum, count, metrics) of the batch: `sum` of the per-pair loss in nats, `count` of pairs
     (the step divides the summed sums by the summed counts, so micro-batches and devices weigh
     every pair alike), `metrics` {name: scalar}. Padding pairs (valid 0) weigh nothing."""
-    rc, rr = pair_rewards(model, params, batch)
+    rc, rr = pair_rewards(model, params, batch, pair_len)
     return bradley_terry_loss(rc, rr, margin=batch["margin"] if use_margin else None,
                               target_prob=batch["chosen_prob"] if soft_labels else None,
                               center_coef=hparams["center_coef"], weights=batch["valid"])
@@ -96,7 +102,7 @@ class RewardEval:
   def _pair_fn(self, params):
     if self._fn is None:
       def fn(p, batch):
-        rc, rr = pair_rewards(self.model, p, batch)
+        rc, rr = pair_rewards(self.model, p, batch, self.ctx.config.data.pair_len)
         return rc, rr
       self._fn = parallel.jit_eval(self.ctx.placement, fn, params)
     return self._fn
@@ -186,7 +192,8 @@ def build_run(ctx: StageContext) -> Run:
 
   state = parallel.init_sharded(ctx.placement, init)
   step = make_train_step(reward_loss(model, bool(cfg.reward.use_margin),
-                                     bool(cfg.reward.get("soft_labels", False))),
+                                     bool(cfg.reward.get("soft_labels", False)),
+                                     config.data.pair_len),
                          optimizer, accum_steps=config.train.accum_steps,
                          nonfinite_policy=config.train.nonfinite)
   sft = None

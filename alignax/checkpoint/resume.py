@@ -45,6 +45,7 @@ SECTION_DEFAULTS = {
     "dpo.soft_labels": False,
     "world.feedback_demos": 0,
     "world.constitution": "world",
+    "data.pair_len": 0,
 }
 
 

@@ -37,6 +37,11 @@ class DataConfig(Section):
     long_docs: documents longer than `seq_len` (pretraining): "split" into chunks or "truncate".
     packing: SFT rows pack several conversations (False: one per row, padded).
     too_long: conversations longer than `seq_len` (SFT): "truncate" or "skip".
+    pair_len: preference pairs (reward model, DPO family): 0 lays chosen and rejected out as two
+      rows of `seq_len`; N >= seq_len packs each pair into one row of N tokens, the prompt once
+      and both responses after it (`alignax.algorithms.shared_prompt`), which drops the prompt's
+      second copy and gives the same losses. Each response is still cut at `seq_len` with its
+      prompt; a pair longer than N in one row is a pair_too_long bad record.
   """
 
   SECTION = "data"
@@ -53,6 +58,7 @@ class DataConfig(Section):
   long_docs: str = "split"
   packing: bool = False
   too_long: str = "truncate"
+  pair_len: int = 0
 
   def check(self) -> None:
     one_of(self.source, "data.source", SOURCES)
@@ -65,4 +71,6 @@ class DataConfig(Section):
     one_of(self.text_mode, "data.text_mode", TEXT_MODES)
     one_of(self.long_docs, "data.long_docs", LONG_DOC_POLICIES)
     one_of(self.too_long, "data.too_long", TOO_LONG_POLICIES)
+    require(self.pair_len == 0 or self.pair_len >= self.seq_len, "data.pair_len",
+            f"must be 0 (two rows per pair) or >= data.seq_len ({self.seq_len}), got {self.pair_len}")
     require(self.eval_records >= 0, "data.eval_records", f"must be >= 0, got {self.eval_records}")

@@ -20,7 +20,7 @@ from alignax.data.tokenizer import Tokenizer
 FORMATS: dict[str, tuple[str, str, Callable[[DataConfig], dict]]] = {
     "lm": ("pretrain", "lm_pipeline", lambda d: dict(long_docs=d.long_docs)),
     "sft": ("sft", "sft_pipeline", lambda d: dict(packed=d.packing, too_long=d.too_long)),
-    "preference": ("preference", "preference_pipeline", lambda d: {}),
+    "preference": ("preference", "preference_pipeline", lambda d: dict(pair_len=d.pair_len)),
     "unpaired": ("preference", "unpaired_pipeline", lambda d: {}),
 }
 

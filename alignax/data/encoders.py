@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from alignax.data import chat
-from alignax.data.schemas import EMPTY_TEXT, INVALID, PROMPT_TOO_LONG
+from alignax.data.schemas import EMPTY_TEXT, INVALID, PAIR_TOO_LONG, PROMPT_TOO_LONG
 from alignax.data.screening import TOO_LONG, skip_marker as _skip
 from alignax.data.tokenizer import ByteTokenizer, Tokenizer, plain_text_bos
 
@@ -173,10 +173,13 @@ def sft_encoder(tok: Tokenizer, seq_len: int, too_long: str, template: str) -> E
 
 
 def preference_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
-                       template: str) -> Encoder:
-  """{"prompt", "chosen", "rejected", ...} -> {"chosen": row, "rejected": row, "valid",
-  "margin", "chosen_prob", "gold_label"}; each row is `lm_row` [seq_len] plus "response_len" (its loss
-  tokens). The prompt is encoded once for both sides."""
+                       template: str, pair_len: int = 0) -> Encoder:
+  """{"prompt", "chosen", "rejected", ...} -> {"chosen": row, "rejected": row, "prompt_len",
+  "valid", "margin", "chosen_prob", "gold_label"}; each row is `lm_row` [seq_len] plus
+  "response_len" (its loss tokens), and both rows start with the same `prompt_len` prompt tokens.
+  The prompt is encoded once for both sides. `pair_len` > 0: the pair will be packed into one
+  row of that many tokens (`alignax.algorithms.shared_prompt`), the prompt once and each side's
+  rest after it; a pair that does not fit is a pair_too_long bad record."""
 
   def side(prompt, response, ended, p_ids):
     out = prompt_and_response(tok, prompt, response, seq_len, max_prompt_len, ended=ended,
@@ -199,7 +202,16 @@ def preference_encoder(tok: Tokenizer, seq_len: int, max_prompt_len: int | None,
                                p_ids)
     if "_skip" in rejected:
       return rejected
-    ex = {"chosen": chosen, "rejected": rejected, "valid": np.float32(1.0),
+    n_prompt = len(p_ids)
+    if pair_len:
+      n_c, n_r = int(chosen["segment_ids"].sum()), int(rejected["segment_ids"].sum())
+      packed = n_c + n_r - n_prompt
+      if packed > pair_len:
+        return _skip(PAIR_TOO_LONG, f"pair is {packed} tokens with its prompt once (prompt "
+                     f"{n_prompt} + chosen {n_c - n_prompt} + rejected {n_r - n_prompt}), longer "
+                     f"than data.pair_len {pair_len}")
+    ex = {"chosen": chosen, "rejected": rejected, "prompt_len": np.int32(n_prompt),
+          "valid": np.float32(1.0),
           "margin": np.float32(rec.get("margin", 0.0)),
           "chosen_prob": np.float32(rec.get("chosen_prob", 1.0)), "gold_label": gold_label(rec)}
     if t1 or t2:

@@ -124,7 +124,7 @@ def sft_pipeline(source, tok: Tokenizer, batching: BatchOptions | None = None, *
 
 
 def preference_pipeline(source, tok: Tokenizer, batching: BatchOptions | None = None, *,
-                        seq_len: int, max_prompt_len: int | None = None,
+                        seq_len: int, max_prompt_len: int | None = None, pair_len: int = 0,
                         **options) -> DataIterator:
   """Preference pairs -> {"chosen": LM batch, "rejected": LM batch, "valid" [B]}.
 
@@ -135,7 +135,9 @@ def preference_pipeline(source, tok: Tokenizer, batching: BatchOptions | None = 
   Bad records (by `bad_records`, counted as skipped/<reason>): invalid, identical_pair
   (chosen == rejected), empty_response, prompt_too_long (the prompt, counted with the
   <|assistant|> marker that opens the response, leaves no room for a response token within
-  T, or is longer than `max_prompt_len` if given). A response that does not
+  T, or is longer than `max_prompt_len` if given), and with `pair_len` > 0 pair_too_long (the
+  prompt plus both responses, as cut at T, are more than `pair_len` tokens: the one-row layout
+  of `alignax.algorithms.shared_prompt` would not hold them). A response that does not
   fit is cut at T (counted once per pair in truncated/truncated_tokens).
 
   Optional record fields (see schemas.PREFERENCE_FLAGS / PREFERENCE_NUMBERS):
@@ -144,7 +146,8 @@ def preference_pipeline(source, tok: Tokenizer, batching: BatchOptions | None = 
 
   Returns:
     DataIterator of {"chosen": {...}, "rejected": {...}, "valid", "margin", "chosen_prob",
-    "gold_label": [B] float32, "index" [B] int32 (record index in `source`, -1 on filler
+    "gold_label": [B] float32, "prompt_len" [B] int32 (the prompt tokens both sides start
+    with; 0 on filler rows), "index" [B] int32 (record index in `source`, -1 on filler
     rows)}, each side {"tokens", "positions", "segment_ids" [B, T] int32, "loss_mask" [B, T]
     float32, "response_len" [B] int32 (loss tokens in the row)}. valid is 0 on filler rows
     (margin and chosen_prob are 0 there); chosen_prob is P(chosen is better), 1.0 for a record
@@ -153,12 +156,14 @@ def preference_pipeline(source, tok: Tokenizer, batching: BatchOptions | None = 
   """
   opts = BatchOptions.of(batching, **options)
   spine.check_len("seq_len", seq_len)
-  encode = preference_encoder(tok, seq_len, max_prompt_len, opts.chat_template)
+  if pair_len and pair_len < seq_len:
+    raise DataError(f"pair_len must be 0 or >= seq_len ({seq_len}), got {pair_len}")
+  encode = preference_encoder(tok, seq_len, max_prompt_len, opts.chat_template, pair_len)
   stream = spine.examples(source, "preference", encode, opts, keep_index=True)
   return spine.finish(stream, opts, split_len=None, rows=spine.as_is, pad_id=tok.pad_id,
                          to_contract=None,
                          info=dict(kind="preference", seq_len=seq_len,
-                                   max_prompt_len=max_prompt_len, **opts.info()))
+                                   max_prompt_len=max_prompt_len, pair_len=pair_len, **opts.info()))
 
 
 def unpaired_pipeline(source, tok: Tokenizer, batching: BatchOptions | None = None, *,

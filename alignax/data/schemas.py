@@ -43,6 +43,7 @@ BAD_RECORD_POLICIES = ("error", "skip")
 IDENTICAL_PAIR = "identical_pair"
 EMPTY_RESPONSE = "empty_response"
 PROMPT_TOO_LONG = "prompt_too_long"
+PAIR_TOO_LONG = "pair_too_long"  # a preference pair longer than data.pair_len in one row
 EMPTY_TEXT = "empty_text"
 INVALID = "invalid"
 

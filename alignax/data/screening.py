@@ -20,13 +20,14 @@ from absl import logging
 
 from alignax.data import schemas
 from alignax.data.schemas import (EMPTY_RESPONSE, EMPTY_TEXT, IDENTICAL_PAIR, INVALID,
-                                  PROMPT_TOO_LONG, DataError)
+                                  PAIR_TOO_LONG, PROMPT_TOO_LONG, DataError)
 
 Example = dict[str, Any]
 
 # Reasons governed by `bad_records` ("error" stops, "skip" counts). too_long is always skipped
 # and counted: it follows from an explicit option (too_long="skip").
-POLICY_REASONS = frozenset({INVALID, IDENTICAL_PAIR, EMPTY_RESPONSE, PROMPT_TOO_LONG, EMPTY_TEXT})
+POLICY_REASONS = frozenset({INVALID, IDENTICAL_PAIR, EMPTY_RESPONSE, PROMPT_TOO_LONG, PAIR_TOO_LONG,
+                            EMPTY_TEXT})
 TOO_LONG = "too_long"
 
 
@@ -53,7 +54,7 @@ def verdict(raw: Any, index: int, schema: str, encode: Callable[[dict], Example]
 class BadRecord(NamedTuple):
   """A record the pipeline cannot use: why (a counter reason), where, and what exactly."""
 
-  reason: str  # INVALID, IDENTICAL_PAIR, EMPTY_RESPONSE, PROMPT_TOO_LONG, EMPTY_TEXT, TOO_LONG
+  reason: str  # one of POLICY_REASONS, or TOO_LONG
   where: str  # "path:line", "path: row N" (files) or "record i" (other sources)
   message: str
 

@@ -34,9 +34,10 @@ class ScalarModel(nnx.Module):
                             logical_axes=("embed",))
     self.head_b = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
 
-  def __call__(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
-    """[B, T] float32 scalars, one per position."""
-    h, _ = self.backbone.hidden(tokens, positions, segment_ids)
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
+               shared_prefix: Array | None = None) -> Array:
+    """[B, T] float32 scalars, one per position (`shared_prefix`: see `Transformer.hidden`)."""
+    h, _ = self.backbone.hidden(tokens, positions, segment_ids, shared_prefix=shared_prefix)
     return jnp.einsum("btd,d->bt", h.astype(jnp.float32), self.head_w[...]) + self.head_b[...]
 
 
@@ -47,9 +48,9 @@ class ScalarHeadModel:
   config: ModelConfig
   graphdef: nnx.GraphDef
 
-  def values(self, params, tokens, positions, segment_ids) -> Array:
+  def values(self, params, tokens, positions, segment_ids, shared_prefix=None) -> Array:
     """Per-token scalars [B, T] float32."""
-    return merge_module(self.graphdef, params)(tokens, positions, segment_ids)
+    return merge_module(self.graphdef, params)(tokens, positions, segment_ids, shared_prefix)
 
 
 ENSEMBLE_MODES = ("mean", "mean_minus_std", "mean_minus_var", "min")
@@ -93,9 +94,10 @@ class RewardEnsemble:
   def config(self) -> ModelConfig:
     return self.member.config
 
-  def values(self, params, tokens, positions, segment_ids) -> Array:
+  def values(self, params, tokens, positions, segment_ids, shared_prefix=None) -> Array:
     """Combined per-token scalars [B, T] float32 of the stacked `params`."""
-    per = jax.vmap(lambda p: self.member.values(p, tokens, positions, segment_ids))(params)
+    per = jax.vmap(lambda p: self.member.values(p, tokens, positions, segment_ids,
+                                                shared_prefix))(params)
     return combine_members(per, self.mode, self.coef)
 
 

@@ -28,13 +28,13 @@ class LanguageModel:
     """The module of `params` (plain, or holding LoRA adapters: `alignax.models.lora`)."""
     return merge_module(self.graphdef, params)
 
-  def apply(self, params, tokens, positions, segment_ids, cache=None):
+  def apply(self, params, tokens, positions, segment_ids, cache=None, shared_prefix=None):
     """(logits [B, T, V] float32, cache). See `Transformer.hidden` for the arguments."""
-    return self.module(params)(tokens, positions, segment_ids, cache)
+    return self.module(params)(tokens, positions, segment_ids, cache, shared_prefix)
 
-  def hidden(self, params, tokens, positions, segment_ids, cache=None):
+  def hidden(self, params, tokens, positions, segment_ids, cache=None, shared_prefix=None):
     """(final-norm hidden states [B, T, d], cache)."""
-    return self.module(params).hidden(tokens, positions, segment_ids, cache)
+    return self.module(params).hidden(tokens, positions, segment_ids, cache, shared_prefix)
 
   def unembed(self, params, h):
     """[B, T, d] -> [B, T, V] float32 logits."""

@@ -6,7 +6,9 @@ in *slot* order and never crosses segments:
 
   allowed(q, k) = slot[k] <= slot[q]  and  segment[k] == segment[q]
 
-Segment 0 is padding: real tokens (segment >= 1) never attend to it. Without a cache a token's slot
+Segment 0 is padding: real tokens (segment >= 1) never attend to it. A packed preference row
+(`shared_prefix`) adds one exception: its prompt, the row's first slots, is seen by every
+segment after it, so both responses of a pair read one copy of the prompt. Without a cache a token's slot
 is its column; with a cache it is its index in the cache, so left-padded prompts, prefill and
 one-token decoding share one rule. Positions (RoPE angle or learned-table row) come from the
 caller and are independent of slots.
@@ -277,7 +279,8 @@ class Block(nnx.Module):
 
 
 def attention_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array,
-                   window: int = 0) -> Array:
+                   window: int = 0, shared_prefix: Array | None = None,
+                   positions: Array | None = None) -> Array:
   """[B, T, S] bool: causal in slot order, within one segment, and (window > 0) at most
   `window - 1` slots back.
 
@@ -285,13 +288,25 @@ def attention_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots
     q_segments: [B, T]; k_segments: [B, S]; q_slots: [T] or [B, T]; k_slots: [S].
     window: a sliding window in tokens (0: none). Within a segment slots advance with
       positions (padding has its own segment), so the window counts tokens of the sequence.
+    shared_prefix: None, or [B] int: the row's slots below it are a prefix that every real
+      token of the row may also attend to (a prompt packed once, followed by several responses
+      in their own segments). The window is then measured in `positions` ([B, T], no cache,
+      S = T): a response after another one is that many slots but not tokens away from the
+      prompt.
   """
   q_slots = jnp.broadcast_to(q_slots, q_segments.shape)
   causal = k_slots[None, None, :] <= q_slots[:, :, None]
   if window:
-    causal = causal & (q_slots[:, :, None] - k_slots[None, None, :] < window)
-  same = q_segments[:, :, None] == k_segments[:, None, :]
-  return causal & same
+    if shared_prefix is None:
+      dist = q_slots[:, :, None] - k_slots[None, None, :]
+    else:
+      dist = positions[:, :, None] - positions[:, None, :]
+    causal = causal & (dist < window)
+  visible = q_segments[:, :, None] == k_segments[:, None, :]
+  if shared_prefix is not None:
+    in_prefix = k_slots[None, None, :] < shared_prefix[:, None, None]
+    visible = visible | (in_prefix & (q_segments[:, :, None] > 0))
+  return causal & visible
 
 
 class Transformer(nnx.Module):
@@ -313,12 +328,15 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-  def hidden(self, tokens: Array, positions: Array, segment_ids: Array, cache=None):
+  def hidden(self, tokens: Array, positions: Array, segment_ids: Array, cache=None,
+             shared_prefix: Array | None = None):
     """Final-norm hidden states.
 
     Args:
       tokens, positions, segment_ids: [B, T] int32.
       cache: None, or a dict from `init_cache` (updated functionally).
+      shared_prefix: None, or [B] int32 (no cache): each row's first `shared_prefix` slots are a
+        prompt that every segment of the row sees (`attention_mask`).
 
     Returns:
       (h [B, T, d] in compute dtype, new cache or None).
@@ -338,6 +356,8 @@ class Transformer(nnx.Module):
     if cfg.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     t = tokens.shape[1]
+    if shared_prefix is not None and cache is not None:
+      raise ValueError("shared_prefix is for packed training rows, not cached decoding")
     if cache is None:
       slots = jnp.arange(t)
       q_slots, k_slots, k_segments = slots, slots, segment_ids
@@ -351,7 +371,8 @@ class Transformer(nnx.Module):
     def inputs_of(is_local):
       rotary = rotary_tables(positions, cfg, local=is_local) if cfg.position == "rope" else None
       window = cfg.sliding_window if is_local else 0
-      return rotary, attention_mask(segment_ids, k_segments, q_slots, k_slots, window)
+      return rotary, attention_mask(segment_ids, k_segments, q_slots, k_slots, window,
+                                    shared_prefix, positions)
     kinds = {kind: inputs_of(kind) for kind in sorted(set(local))}
     mixed = len(kinds) == 2
     graphdef, stacked = nnx.split(self.blocks)
@@ -412,9 +433,10 @@ class Transformer(nnx.Module):
       logits = softcap(logits, self.cfg.final_softcap)
     return logits.reshape(b, t, -1)
 
-  def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache=None):
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache=None,
+               shared_prefix: Array | None = None):
     """(logits [B, T, V] float32, cache) for tokens [B, T]; see `hidden`."""
-    h, cache = self.hidden(tokens, positions, segment_ids, cache)
+    h, cache = self.hidden(tokens, positions, segment_ids, cache, shared_prefix)
     return self.unembed(h), cache
 
 
