@@ -147,3 +147,24 @@ def test_rows_stop_at_any_of_the_tokenizers_stop_ids(model):
     assert end_of_turn not in body and tok.eos_id not in body  # nothing runs past a stop
     assert (int(row[int(n) - 1]) in tok.stop_ids) == bool(ended)
   assert all("}" not in text for text in sampler.decode(out))
+
+
+def test_decoding_with_presliced_layers_equals_slicing_in_the_loop(tiny_llama):
+  """`LanguageModel.with_layers` (each layer's params sliced once, as the sampler does) changes
+  no logit and no cache entry of prefill and decode steps."""
+  lm, params = build_lm(tiny_llama, seed=0)
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 3, 200)
+  pos = jnp.tile(jnp.arange(6), (2, 1))
+  seg = jnp.ones((2, 6), jnp.int32)
+  plain = lm.init_cache(2, 10)
+  sliced = lm.with_layers(params, plain)
+  assert len(sliced["layers"]) == tiny_llama.n_layers
+  out_a, cache_a = lm.apply(params, tokens, pos, seg, plain)
+  out_b, cache_b = lm.apply(params, tokens, pos, seg, sliced)
+  step = lambda c: lm.apply(params, tokens[:, :1], pos[:, :1] + 6, seg[:, :1], c)
+  (a2, cache_a), (b2, cache_b) = step(cache_a), step(cache_b)
+  assert "layers" in cache_b  # carried through the step
+  np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
+  np.testing.assert_array_equal(np.asarray(a2), np.asarray(b2))
+  for x, y in zip(cache_a["k"] + cache_a["v"], cache_b["k"] + cache_b["v"]):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -157,6 +157,7 @@ def generate(lm: LanguageModel, cfg: SamplingConfig, eos_id: int, pad_id: int, p
     cache = dict(k=tuple(rep(x) for x in cache["k"]), v=tuple(rep(x) for x in cache["v"]),
                  segment_ids=rep(cache["segment_ids"]), end=cache["end"])
     logits, prompt_tokens, prompt_mask = rep(logits[:, -1:]), rep(prompt_tokens), rep(prompt_mask)
+  cache = lm.with_layers(params, cache)  # sliced once, not at every decode step
   b = prompt_tokens.shape[0]
   row_keys = None if row_ids is None else jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
   prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)

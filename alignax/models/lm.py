@@ -40,6 +40,11 @@ class LanguageModel:
     """[B, T, d] -> [B, T, V] float32 logits."""
     return self.module(params).unembed(h)
 
+  def with_layers(self, params, cache: dict) -> dict:
+    """`cache` carrying each layer's params, sliced from `params` once (see `init_cache`): for
+    a loop that calls `apply` with this cache and the same `params` at every step."""
+    return dict(cache, layers=self.module(params).layer_params())
+
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
     return init_cache(self.config, batch, max_len, dtype)
 

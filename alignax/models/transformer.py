@@ -414,14 +414,23 @@ class Transformer(nnx.Module):
       # in-place write of the new tokens' keys and values. The layer's kind is static here too.
       cached_layer = remat(layer, static=(3,))
       ks, vs = [], []
+      layers = cache.get("layers")
       for i in range(cfg.n_layers):
-        layer_params = jax.tree.map(lambda a: a[i], stacked)
+        layer_params = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], stacked)
         x, (k_i, v_i) = cached_layer(x, layer_params, (cache["k"][i], cache["v"][i]),
                                      local[i] if mixed else None)
         ks.append(k_i)
         vs.append(v_i)
       new_cache = dict(k=tuple(ks), v=tuple(vs), segment_ids=k_segments, end=cache["end"] + t)
+      if layers is not None:
+        new_cache["layers"] = layers
     return self.final_norm(x), new_cache
+
+  def layer_params(self) -> tuple:
+    """Each layer's params sliced out of the stacked blocks (n_layers states), for a cache's
+    "layers" (`init_cache`)."""
+    _, stacked = nnx.split(self.blocks)
+    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(self.cfg.n_layers))
 
   def unembed(self, h: Array) -> Array:
     """[B, T, d] hidden -> [B, T, V] float32 logits (matmul in compute dtype, fp32 accumulate;
@@ -445,7 +454,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
 
   Returns a dict: k, v: tuples of n_layers arrays [B, K, S, Dh] (compute dtype); segment_ids
   [B, S] int32 (0 = empty slot); end int32 scalar (next slot to write; shared by all rows, so
-  prompts are left-padded).
+  prompts are left-padded). A decode loop may add "layers", each layer's params sliced once
+  before the loop (`LanguageModel.with_layers`): sliced inside the loop body, XLA:CPU copies
+  every weight out of the stacked params at every step (most of a small batch's decode step).
   """
   dtype = dtype or cfg.compute_dtype
   shape = (batch, cfg.kv_heads, max_len, cfg.dim_per_head)
