@@ -587,6 +587,10 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if cfg.rope_scaling != "none":
       hf.update(rope_scaling=hf["rope_parameters"])
+    if cfg.rope_scaling == "dynamic":
+      # transformers grows the dynamic base past max_position_embeddings, so it must be the length
+      # the frequencies were trained for, not alignax's own cap (max_seq_len).
+      hf.update(max_position_embeddings=cfg.rope_original_max_len)
     if model_type == "llama":
       hf.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
     if model_type in ("qwen3", "olmo2"):
