@@ -73,7 +73,7 @@ _BIAS_STRENGTH = flags.DEFINE_float("bias_strength", 1.0, "world.rater_bias_stre
 _MEMBERS_STEP = flags.DEFINE_enum("members_step", "map", ["map", "vmap"],
                                   "parallel.members_step (map: members one after another, faster on CPUs).")
 _QUICK = flags.DEFINE_bool("quick", False, "A small version (tests): a smaller world, 2 seeds, one setting per "
-                            "method, few steps; the biased world without its ensemble and GRPO-on-gold runs.")
+                            "method, few steps; the biased world's reward model and DPO only.")
 _REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the tables and plots from --out's results.json.")
 _PRESET = flags.DEFINE_string("preset", "tiny", "Pipeline preset whose stage configs are used.")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra overrides KEY=VALUE on the pipeline config "
@@ -652,7 +652,9 @@ def main(_):
       b_ens = train_reward(bcfg, os.path.join(out, "runs", "biased_reward_ensemble"), sft_dir, s["ensemble"],
                            _QUICK.value)
     timings["biased/reward_models"] = time.time() - t0
-    b_methods = ["ppo", "dpo"] + (["ppo_ens"] if b_ens else []) + ([] if _QUICK.value else ["grpo_gold"])
+    # --quick: DPO alone on the biased world (its reward model is what the tests probe).
+    b_methods = (["dpo"] if _QUICK.value else
+                 ["ppo", "dpo"] + (["ppo_ens"] if b_ens else []) + ["grpo_gold"])
     bs = dict(s, ppo_targets=s["ppo_targets"][:1], ppo_kl_coefs=s["ppo_kl_coefs"][:1], dpo_betas=s["dpo_betas"][:1],
               grpo_kl_coefs=s["grpo_kl_coefs"][:1])
     results["biased"] = run_experiment(bcfg, "biased", b_methods, bs, out, sft_dir, b_reward, b_ens, timings)

@@ -18,6 +18,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# The end-to-end files first. Under `-n 2 --dist loadfile` a file runs on one worker and files are
+# handed out in collection order, so a long file collected last (they sort late) ran alone at the
+# end while the other worker sat idle; started first, the other worker gets through the rest.
+HEAVY_FIRST = ("test_rlhf_vs_dpo.py", "test_pipeline.py", "test_rlaif_pipeline.py", "test_members.py",
+               "test_multihost.py", "test_online_rl.py", "test_kill_anywhere.py", "test_lora.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable
+
+
 @pytest.fixture
 def tiny_llama():
   from alignax.models import llama_style

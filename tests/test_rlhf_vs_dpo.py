@@ -78,7 +78,7 @@ def test_fits_and_best_of_n(quick):
 def test_biased_raters_teach_the_reward_model_to_prefer_confident_wrong_answers(quick):
   _, results, _ = quick
   main, biased = results["experiments"]["main"], results["experiments"]["biased"]
-  assert {r["method"] for r in biased["final"]} == {"ppo", "dpo"}
+  assert {r["method"] for r in biased["final"]} == {"dpo"}  # --quick: the biased world's DPO only
   fair = main["rm_prefers_confident_wrong"]["reward_model"]
   bent = biased["rm_prefers_confident_wrong"]["reward_model"]
   assert bent["pairs"] == fair["pairs"] > 20
