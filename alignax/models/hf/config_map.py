@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import json
 
-from alignax.errors import CheckpointError
 from alignax.models.config import ModelConfig
+from alignax.models.hf.errors import HFError
+from alignax.models.hf.export_checks import (check_gemma_family, check_gemma_only, check_llama_family,
+                                             check_olmo_phi, partial_window)
+from alignax.models.hf.rope_map import rope_fields, rope_to_hf
 
 # architectures entry -> (family, model_type)
 ARCHITECTURES = {
@@ -56,10 +59,6 @@ MODEL_TYPES = {model_type: arch for arch, (_, model_type) in ARCHITECTURES.items
 # checkpoints' RoPE frequencies): skipped on import.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
-
-
-class HFError(CheckpointError):
-  """A Hugging Face checkpoint (or export target) alignax cannot map; the message says why."""
 
 
 def _supported() -> str:
@@ -90,118 +89,6 @@ def architecture_of(hf: dict) -> str:
     raise HFError(f"unsupported model_type {model_type!r} (config.json has no architectures); "
                   f"supported: {_supported()}")
   return MODEL_TYPES[model_type]
-
-
-def _rope_fields(hf: dict, where: str, params: dict | None = None, model_type: str = "") -> dict:
-  """ModelConfig's rope_* fields from `rope_parameters` (transformers >= 5) or `rope_theta` and
-  `rope_scaling` (older), or from `params` (one layer type's); HFError for a variant alignax does
-  not implement. Phi-3 (`model_type` "phi3") alone may rotate part of each head and use LongRoPE."""
-  if params is None:
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-  if any(isinstance(v, dict) for v in params.values()):
-    raise HFError(f"{where}: per-layer-type rope_parameters are unsupported")
-  phi3 = model_type == "phi3"
-  rope_type = params.get("rope_type") or params.get("type") or "default"
-  if phi3 and rope_type in ("su", "yarn"):  # Phi3Config reads both as LongRoPE
-    rope_type = "longrope"
-  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-  fields = dict(rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
-  if partial not in (None, 1, 1.0):
-    if not phi3:
-      raise HFError(f"{where}: partial_rotary_factor={partial} is unsupported here (only 1.0; "
-                    "alignax implements a partial rotary for Phi3ForCausalLM)")
-    head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // int(hf["num_attention_heads"]))
-    rotary = int(head_dim * float(partial))  # transformers' int(head_dim * partial_rotary_factor)
-    if rotary <= 0 or rotary % 2:
-      raise HFError(f"{where}: partial_rotary_factor={partial} gives {rotary} rotary dimensions "
-                    f"of head_dim={head_dim}; RoPE needs a positive even number")
-    fields.update(rotary_dim=rotary)
-  if rope_type == "default":
-    return fields
-  if rope_type == "longrope" and phi3:
-    return {**fields, **_longrope_fields(hf, params, where)}
-  if rope_type not in ("linear", "dynamic", "llama3", "yarn") or phi3:
-    raise HFError(f"{where}: RoPE scaling {rope_type!r} is unsupported here (alignax implements "
-                  "'default', 'linear', 'dynamic', 'llama3' and 'yarn', and 'longrope' for "
-                  "Phi3ForCausalLM, whose only scaling it is)")
-  max_pos = int(hf["max_position_embeddings"])
-  original = int(params.get("original_max_position_embeddings")
-                 or hf.get("original_max_position_embeddings") or max_pos)
-  factor = params.get("factor")
-  if factor is None and rope_type == "yarn":
-    factor = max_pos / original
-  if factor is None:
-    raise HFError(f"{where}: RoPE scaling {rope_type!r} needs a factor")
-  fields.update(rope_scaling=rope_type, rope_factor=float(factor))
-  if rope_type == "dynamic":  # transformers grows the base past max_position_embeddings
-    fields.update(rope_original_max_len=max_pos)
-  elif rope_type == "llama3":
-    fields.update(rope_original_max_len=original,
-                  rope_low_freq_factor=float(params["low_freq_factor"]),
-                  rope_high_freq_factor=float(params["high_freq_factor"]))
-  elif rope_type == "yarn":
-    from alignax.models.rope import yarn_attention_factor
-    attention = params.get("attention_factor")
-    if attention is None:
-      attention = yarn_attention_factor(float(factor), params.get("mscale"), params.get("mscale_all_dim"))
-    fields.update(rope_original_max_len=original, rope_attention_factor=float(attention),
-                  rope_beta_fast=float(params.get("beta_fast") or 32),
-                  rope_beta_slow=float(params.get("beta_slow") or 1),
-                  rope_truncate=bool(params.get("truncate", True)))
-  return fields
-
-
-def _longrope_fields(hf: dict, params: dict, where: str) -> dict:
-  """The rope_* fields of Phi-3's LongRoPE, as transformers reads its config: the top-level
-  original_max_position_embeddings (Phi3Config's default 4096 when config.json has none) wins
-  over rope_parameters'; factor defaults to max_position_embeddings / original."""
-  from alignax.models.rope import longrope_attention_factor
-  for key in ("short_factor", "long_factor"):
-    if not isinstance(params.get(key), (list, tuple)):
-      raise HFError(f"{where}: RoPE scaling 'longrope' needs a list {key} (got {params.get(key)!r})")
-  original = int(hf.get("original_max_position_embeddings") or 4096)
-  factor = params.get("factor")
-  if factor is None:
-    factor = int(hf.get("max_position_embeddings", 4096)) / original
-  attention = params.get("attention_factor")
-  if attention is None:
-    attention = longrope_attention_factor(float(factor), original)
-  return dict(rope_scaling="longrope", rope_factor=float(factor), rope_original_max_len=original,
-              rope_attention_factor=float(attention),
-              rope_short_factor=tuple(float(x) for x in params["short_factor"]),
-              rope_long_factor=tuple(float(x) for x in params["long_factor"]))
-
-
-def _rope_to_hf(cfg: ModelConfig) -> dict:
-  """`rope_parameters` (transformers 5) for cfg's rope_* fields."""
-  out = dict(rope_type="default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
-             rope_theta=cfg.rope_theta)
-  if cfg.rotary_dim:
-    out.update(partial_rotary_factor=cfg.rotary_dim / cfg.dim_per_head)
-  if cfg.rope_scaling == "none":
-    return out
-  out.update(factor=cfg.rope_factor)
-  if cfg.rope_scaling == "longrope":
-    from alignax.models.rope import longrope_attention_factor
-    out.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor),
-               original_max_position_embeddings=cfg.rope_original_max_len,
-               attention_factor=cfg.rope_attention_factor)
-    # Left out when transformers derives the same (as Phi-3's own configs leave them out).
-    if cfg.rope_factor == cfg.max_seq_len / cfg.rope_original_max_len:
-      del out["factor"]
-    default = longrope_attention_factor(cfg.rope_factor, cfg.rope_original_max_len)
-    if not cfg.rope_attention_factor or cfg.rope_attention_factor == default:
-      del out["attention_factor"]
-  if cfg.rope_scaling == "llama3":
-    out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-               original_max_position_embeddings=cfg.rope_original_max_len)
-  elif cfg.rope_scaling == "yarn":
-    out.update(attention_factor=cfg.rope_attention_factor or None, beta_fast=cfg.rope_beta_fast,
-               beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate,
-               original_max_position_embeddings=cfg.rope_original_max_len)
-    if out["attention_factor"] is None:
-      del out["attention_factor"]
-  return out
 
 
 def _sliding_window(hf: dict, model_type: str, max_seq_len: int, where: str) -> tuple[int, str]:
@@ -270,9 +157,9 @@ def _gemma_fields(hf: dict, model_type: str, max_seq_len: int | None, where: str
     if (local.get("rope_type") or local.get("type") or "default") != "default":
       raise HFError(f"{where}: RoPE scaling on the sliding-window layers is unsupported (alignax "
                     "scales the global layers' RoPE only)")
-    rope = dict(_rope_fields(hf, where, full), rope_local_theta=float(local["rope_theta"]))
+    rope = dict(rope_fields(hf, where, full), rope_local_theta=float(local["rope_theta"]))
   else:
-    rope = _rope_fields(hf, where)
+    rope = rope_fields(hf, where)
 
   def cap(key, default):
     return float(hf.get(key, default) or 0.0)
@@ -367,7 +254,7 @@ def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None 
           n_layers=int(hf["num_hidden_layers"]), n_heads=heads,
           n_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=int(hf.get("head_dim") or 0),
           d_ff=int(hf["intermediate_size"]), max_seq_len=seq, norm="rmsnorm",
-          norm_eps=float(eps), position="rope", **_rope_fields(hf, where, model_type=model_type),
+          norm_eps=float(eps), position="rope", **rope_fields(hf, where, model_type=model_type),
           mlp="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)), use_bias=False,
           qkv_bias=model_type == "qwen2", attention_bias=bool(hf.get("attention_bias", False)),
           mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "olmo2"),
@@ -378,89 +265,6 @@ def config_from_hf(hf: dict, dtype: str = "float32", *, max_seq_len: int | None 
   except ValueError as e:  # ModelConfig.validate
     raise HFError(f"{where}: {e}") from None
   return cfg, arch
-
-
-# ModelConfig fields only Gemma's architectures have a place for.
-GEMMA_ONLY = ("norm_plus_one", "post_norms", "scale_embeddings", "query_pre_attn_scalar",
-              "attn_softcap", "final_softcap", "rope_local_theta")
-
-
-def _partial_window(cfg: ModelConfig) -> bool:
-  """Whether some layers slide and others do not."""
-  return len(set(cfg.local_layers)) == 2
-
-
-def _check_gemma_only(cfg: ModelConfig, architecture: str, skip: tuple[str, ...] = ()) -> None:
-  for name in GEMMA_ONLY:
-    if getattr(cfg, name) and name not in skip:
-      raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)}); export as "
-                    "Gemma2ForCausalLM or Gemma3ForCausalLM")
-
-
-# The choices only OLMo 2 and Phi-3 have a place for: name -> (present in cfg, where it exports).
-def _olmo_phi_choices(cfg: ModelConfig) -> dict[str, tuple[bool, str]]:
-  return {"pre_norms": (not cfg.pre_norms, "Olmo2ForCausalLM"),
-          "qk_norm_scope": (cfg.qk_norm and cfg.qk_norm_scope == "all", "Olmo2ForCausalLM"),
-          "rotary_dim": (cfg.rotary_dim not in (0, cfg.dim_per_head), "Phi3ForCausalLM"),
-          "rope_scaling": (cfg.rope_scaling == "longrope", "Phi3ForCausalLM")}
-
-
-def _check_olmo_phi(cfg: ModelConfig, architecture: str, allowed=()) -> None:
-  for name, (present, where) in _olmo_phi_choices(cfg).items():
-    if present and name not in allowed:
-      raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)!r}); export as {where}")
-
-
-def _check_llama_family(cfg: ModelConfig, architecture: str, model_type: str) -> None:
-  """HFError when `architecture` has no place for one of cfg's choices."""
-  olmo2 = model_type == "olmo2"
-  _check_olmo_phi(cfg, architecture, {"olmo2": ("pre_norms", "qk_norm_scope"),
-                                      "phi3": ("rotary_dim", "rope_scaling")}.get(model_type, ()))
-  _check_gemma_only(cfg, architecture, skip=("post_norms",) if olmo2 else ())
-  has = {"qkv_bias": cfg.qkv_bias, "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias,
-         "qk_norm": cfg.qk_norm, "sliding_window": any(cfg.local_layers),
-         "layer_pattern": _partial_window(cfg)}
-  allowed = {"llama": {"attention_bias", "mlp_bias"}, "mistral": {"sliding_window"},
-             "qwen2": {"qkv_bias", "sliding_window", "layer_pattern"},
-             "qwen3": {"qk_norm", "attention_bias", "sliding_window", "layer_pattern"},
-             "olmo2": {"qk_norm", "attention_bias"},
-             "phi3": {"sliding_window"}}[model_type]
-  for name, present in has.items():
-    if present and name not in allowed:
-      where = {"qkv_bias": "Qwen2ForCausalLM", "qk_norm": "Qwen3ForCausalLM",
-               "sliding_window": "MistralForCausalLM", "mlp_bias": "LlamaForCausalLM",
-               "attention_bias": "LlamaForCausalLM", "layer_pattern": "Qwen2ForCausalLM"}[name]
-      raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)}); export as {where}")
-  if model_type == "qwen3" and not cfg.qk_norm:
-    raise HFError("Qwen3ForCausalLM always normalizes queries and keys (qk_norm=True)")
-  if olmo2 and not (cfg.qk_norm and cfg.qk_norm_scope == "all" and cfg.post_norms
-                    and not cfg.pre_norms):
-    raise HFError("Olmo2ForCausalLM always has q/k norms over all heads (qk_norm=True, "
-                  "qk_norm_scope='all') and norms after, not before, each sublayer (post_norms=True, "
-                  f"pre_norms=False); got qk_norm={cfg.qk_norm}, qk_norm_scope={cfg.qk_norm_scope!r}, "
-                  f"post_norms={cfg.post_norms}, pre_norms={cfg.pre_norms}")
-
-
-def _check_gemma_family(cfg: ModelConfig, architecture: str, model_type: str) -> None:
-  """HFError when `architecture` has no place for one of cfg's choices."""
-  gemma3 = model_type == "gemma3_text"
-  _check_olmo_phi(cfg, architecture)
-  refusals = [
-      (cfg.mlp_bias, "mlp_bias", "LlamaForCausalLM"),
-      (cfg.qkv_bias and not cfg.attention_bias, "qkv_bias", "Qwen2ForCausalLM"),
-      (cfg.qk_norm and not gemma3, "qk_norm", "Gemma3ForCausalLM"),
-      (cfg.rope_local_theta and not gemma3, "rope_local_theta", "Gemma3ForCausalLM"),
-      # transformers' Gemma 3 attention ignores attn_logit_softcapping.
-      (cfg.attn_softcap and gemma3, "attn_softcap", "Gemma2ForCausalLM"),
-  ]
-  for present, name, where in refusals:
-    if present:
-      raise HFError(f"{architecture} has no {name} ({name}={getattr(cfg, name)}); export as {where}")
-  if gemma3 and not cfg.qk_norm:
-    raise HFError("Gemma3ForCausalLM always normalizes queries and keys (qk_norm=True)")
-  if gemma3 and not cfg.rope_local_theta and cfg.rope_scaling != "none":
-    raise HFError("Gemma3ForCausalLM's local layers use plain RoPE: set rope_local_theta (with "
-                  f"rope_scaling={cfg.rope_scaling!r} on the global layers)")
 
 
 def _number(x: float):
@@ -486,18 +290,18 @@ def _gemma_to_hf(cfg: ModelConfig, architecture: str, model_type: str) -> dict:
       # Both spellings, as for Llama: rope_theta (and rope_scaling) for transformers 4.
       rope_theta=cfg.rope_theta)
   if cfg.rope_scaling != "none":
-    hf.update(rope_scaling=_rope_to_hf(cfg))
+    hf.update(rope_scaling=rope_to_hf(cfg))
   if model_type == "gemma3_text":
     theta = cfg.rope_local_theta or cfg.rope_theta
     hf.update(rope_local_base_freq=theta, rope_parameters=dict(
-        full_attention=_rope_to_hf(cfg), sliding_attention=dict(rope_type="default", rope_theta=theta)))
+        full_attention=rope_to_hf(cfg), sliding_attention=dict(rope_type="default", rope_theta=theta)))
     # transformers 4 before layer_types read every `sliding_window_pattern`-th layer as global.
     for pattern in range(1, cfg.n_layers + 2):
       if all(s == bool((i + 1) % pattern) for i, s in enumerate(local)):
         hf.update(sliding_window_pattern=pattern)
         break
   else:
-    hf.update(rope_parameters=_rope_to_hf(cfg))
+    hf.update(rope_parameters=rope_to_hf(cfg))
   return hf
 
 
@@ -528,7 +332,7 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
       architecture = ("Olmo2ForCausalLM" if olmo2
                       else "Phi3ForCausalLM" if cfg.rotary_dim or cfg.rope_scaling == "longrope"
                       else "Qwen3ForCausalLM" if cfg.qk_norm
-                      else "Qwen2ForCausalLM" if cfg.qkv_bias or _partial_window(cfg)
+                      else "Qwen2ForCausalLM" if cfg.qkv_bias or partial_window(cfg)
                       else "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM")
     elif gemma_like:
       architecture = "Gemma3ForCausalLM" if cfg.qk_norm else "Gemma2ForCausalLM"
@@ -546,15 +350,15 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
   if not fits:
     raise HFError(f"cannot export {choices} as {architecture} ({needs})")
   if family == "gpt2":
-    _check_gemma_only(cfg, architecture)
-    _check_olmo_phi(cfg, architecture)
+    check_gemma_only(cfg, architecture)
+    check_olmo_phi(cfg, architecture)
     if any(cfg.local_layers):
       raise HFError(f"{architecture} has no sliding_window ({cfg.sliding_window}); export as "
                     "MistralForCausalLM")
   elif family in ("llama", "phi3"):
-    _check_llama_family(cfg, architecture, model_type)
+    check_llama_family(cfg, architecture, model_type)
   else:
-    _check_gemma_family(cfg, architecture, model_type)
+    check_gemma_family(cfg, architecture, model_type)
   ids = {}
   if tokenizer is not None:
     ids = dict(bos_token_id=int(tokenizer.bos_id), eos_token_id=int(tokenizer.eos_id),
@@ -582,7 +386,7 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None, tokenizer=No
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
         # Both spellings: `rope_theta` (and `rope_scaling`) for transformers 4, `rope_parameters`
         # for 5.
-        rope_theta=cfg.rope_theta, rope_parameters=_rope_to_hf(cfg),
+        rope_theta=cfg.rope_theta, rope_parameters=rope_to_hf(cfg),
         tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0,
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if cfg.rope_scaling != "none":
