@@ -63,29 +63,11 @@ def _forward(lm):
   return jax.jit(lambda p, t, pos, seg: lm.apply(p, t, pos, seg)[0])
 
 
-def _greedy(transformers, model, lm, params, prompts, n: int):
+def _greedy(h, model, lm, params, prompts, n: int):
   """Per prompt: (tokens identical, length of the identical prefix) of alignax's batched greedy
-  decode vs transformers' `generate` on the prompt alone."""
-  import jax
+  decode vs transformers' `generate` on the prompt alone (`hf_helpers.greedy_tokens`)."""
   import numpy as np
-  import torch
-
-  from alignax.generation.sampler import SamplingConfig, generate
-  expected = []
-  for p in prompts:
-    with torch.no_grad():
-      out = model.generate(torch.tensor(p[None]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                           do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                           pad_token_id=0)
-    expected.append(out[0, len(p):].numpy())
-  width = max(len(p) for p in prompts)
-  tokens = np.zeros((len(prompts), width), np.int32)
-  mask = np.zeros((len(prompts), width), bool)
-  for row, p in enumerate(prompts):
-    tokens[row, width - len(p):], mask[row, width - len(p):] = p, True
-  rollout = jax.jit(lambda prm, t, m: generate(lm, SamplingConfig(temperature=0.0, max_new_tokens=n),
-                                               -1, 0, prm, t, m, jax.random.key(0)))(params, tokens, mask)
-  got = np.asarray(rollout.tokens)
+  got, expected = h.greedy_tokens(model, lm, params, prompts, n)
   same = [int(np.sum(g == e)) for g, e in zip(got, expected)]
   prefix = [int(np.argmin(g == e)) if not np.all(g == e) else n for g, e in zip(got, expected)]
   return same, prefix
@@ -152,12 +134,12 @@ def measure(transformers, h, name: str, n: int, work: str) -> dict:
 
   # Greedy decoding.
   prompts = [tokens[0, :9], tokens[1, :5]]
-  same, prefix = _greedy(transformers, model, lm, params, prompts, n)
+  same, prefix = _greedy(h, model, lm, params, prompts, n)
   greedy = dict(new_tokens=n, prompt_lens=[len(p) for p in prompts], identical=same, prefix=prefix)
   if dependent:
     original = cfg.rope_original_max_len
     short = original - max(len(p) for p in prompts) + 1  # every forward's positions < original
-    s_same, _ = _greedy(transformers, model, lm, params, prompts, short)
+    s_same, _ = _greedy(h, model, lm, params, prompts, short)
     greedy.update(within_original=short, within_original_identical=s_same)
     what = ("alignax keeps the keys already cached as rotated, transformers recomputes its cache "
             "there" if cfg.rope_scaling == "longrope" else

@@ -129,3 +129,27 @@ def alignax_logits(cfg, params, tokens=TOKENS) -> np.ndarray:
   return np.asarray(lm.apply(params, t, positions, jnp.ones_like(t))[0])
 
 
+
+
+def greedy_tokens(model, lm, params, prompts, n: int):
+  """(alignax [P, n], transformers [P, n]) greedy tokens: alignax's KV-cache sampler on the
+  prompts left-padded in one batch, transformers' `generate(do_sample=False)` on each alone."""
+  import jax
+  import torch
+
+  from alignax.generation.sampler import SamplingConfig, generate
+  expected = []
+  for p in prompts:
+    with torch.no_grad():
+      out = model.generate(torch.tensor(p[None]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                           do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                           pad_token_id=0)
+    expected.append(out[0, len(p):].numpy())
+  width = max(len(p) for p in prompts)
+  tokens = np.zeros((len(prompts), width), np.int32)
+  mask = np.zeros((len(prompts), width), bool)
+  for row, p in enumerate(prompts):
+    tokens[row, width - len(p):], mask[row, width - len(p):] = p, True
+  rollout = jax.jit(lambda prm, t, m: generate(lm, SamplingConfig(temperature=0.0, max_new_tokens=n),
+                                               -1, 0, prm, t, m, jax.random.key(0)))(params, tokens, mask)
+  return np.asarray(rollout.tokens), np.stack(expected)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_helpers import TOKENS, alignax_logits, hf_logits, make_hf_model, rel_error
+from hf_helpers import TOKENS, alignax_logits, greedy_tokens, hf_logits, make_hf_model, rel_error
 
 NEW = ("llama3", "llama_linear", "llama_yarn", "llama_bias", "qwen3", "qwen3_bias", "mistral_window",
        "qwen2_window", "qwen2_partial", "gemma3", "gemma3_scaled", "gemma2", "olmo2", "olmo2_bias",
@@ -100,29 +100,13 @@ def test_greedy_decoding_matches_transformers(transformers, name, tmp_path):
   """The KV-cache sampler's greedy tokens equal `generate(do_sample=False)`, prompts left-padded
   in one batch on alignax's side, each alone on transformers'; 16 new tokens run past the
   sliding window (on the local layers only, for the Gemmas and the partial Qwen2 window)."""
-  import torch
-  from alignax.generation.sampler import SamplingConfig, generate
   from alignax.models import abstract_lm
   from alignax.models.hf import import_hf
   model = make_hf_model(transformers, name, tmp_path)
   cfg, params, _ = import_hf(str(tmp_path))
-  prompts = [TOKENS[0, :9], TOKENS[1, :5]]
-  n = 16
-  expected = []
-  for p in prompts:
-    with torch.no_grad():
-      out = model.generate(torch.tensor(p[None]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                           do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                           pad_token_id=0)
-    expected.append(out[0, len(p):].numpy())
-  tokens = np.zeros((2, 9), np.int32)
-  mask = np.zeros((2, 9), bool)
-  for row, p in enumerate(prompts):
-    tokens[row, 9 - len(p):], mask[row, 9 - len(p):] = p, True
   lm, _ = abstract_lm(cfg)
-  rollout = jax.jit(lambda prm, t, m: generate(lm, SamplingConfig(temperature=0.0, max_new_tokens=n),
-                                               -1, 0, prm, t, m, jax.random.key(0)))(params, tokens, mask)
-  np.testing.assert_array_equal(np.asarray(rollout.tokens), np.stack(expected))
+  got, expected = greedy_tokens(model, lm, params, [TOKENS[0, :9], TOKENS[1, :5]], 16)
+  np.testing.assert_array_equal(got, expected)
 
 
 def test_dynamic_rope_matches_transformers_past_the_original_length(transformers, tmp_path):
